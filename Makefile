@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+FMNIST  := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup test demo bench fashion-mnist clean
+
+setup: $(STAMP) fashion-mnist
+
+# The venv is created once and reused; it is re-installed only when requirements change.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r requirements.txt
+	$(VPY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+# Real Fashion-MNIST from Debian's package when we are root and it is missing;
+# elsewhere the code falls back to torchvision's download.
+fashion-mnist:
+	@if [ ! -d $(FMNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian package dataset-fashion-mnist"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	fi
+
+test: setup
+	$(VPY) -m pytest -q -ra
+
+demo: setup
+	$(VPY) -m mlcd.demo
+
+bench: setup
+	for f in bench/*.py; do $(VPY) $$f || exit 1; done
+	$(VPY) -m mlcd.bench_summary
+
+clean:
+	rm -rf $(VENV) outputs runs
