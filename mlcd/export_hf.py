@@ -1,0 +1,40 @@
+"""Export a trained backbone to Hugging Face `transformers` so it drops into LLaVA-style code.
+
+    python -m mlcd.export_hf <checkpoint dir | run dir> <out dir>
+
+RoPE2D models become `MLCDVisionModel`, absolute-position models `CLIPVisionModel`
+(`CLIPVisionModelWithProjection` when the model has a projection). The export is checked by loading it
+back with `from_pretrained` and comparing pooled outputs on random pixels.
+"""
+import argparse
+
+import torch
+
+from mlcd.models.hf import export_hf, load_hf_model
+from mlcd.train.checkpoint import load_backbone
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="a checkpoint dir (run/checkpoints/step-N) or a run dir (newest checkpoint)")
+    ap.add_argument("out_dir", help="directory to write (config.json, model.safetensors, preprocessor_config.json)")
+    ap.add_argument("--no-verify", action="store_true", help="skip the from_pretrained round-trip check")
+    args = ap.parse_args(argv)
+
+    model, _ = load_backbone(args.checkpoint)
+    export_hf(model, args.out_dir)
+    print(f"exported {args.checkpoint} -> {args.out_dir}")
+    if not args.no_verify:
+        hf = load_hf_model(args.out_dir).eval()
+        pixels = torch.randn(2, 3, model.image_size, model.image_size)
+        with torch.no_grad():
+            ours = model(pixels).pooled
+            theirs = hf(pixel_values=pixels).pooler_output
+        err = (ours - theirs).abs().max().item()
+        print(f"verified with transformers {type(hf).__name__}.from_pretrained: max |pooled difference| = {err:.2e}")
+        if err > 1e-4:
+            raise SystemExit(f"export check failed: pooled outputs differ by {err:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training: the loop (loop.py), optimizer + schedule (optim.py), checkpoints (checkpoint.py)."""
