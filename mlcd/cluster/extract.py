@@ -1,0 +1,150 @@
+"""Stage 1: open_clip image (and optionally caption) features, one fp16 file per input shard.
+
+Each rank takes shards r, r+W, r+2W, ... and skips shards whose features already exist, so a killed
+run resumes shard by shard. Every shard is read by its own single-pass loader, so batch boundaries
+(and therefore the bytes written) do not depend on the world size or on where a run was resumed.
+
+Fusion (`extract.text=true`): UNICOM reports clustering "joint textual and visual features"; how they
+were combined is not published. We use f = normalize(normalize(img) + normalize(txt)), the
+normalised mean of the two unit vectors; a sample without a caption keeps its image feature.
+"""
+import contextlib
+import logging
+import os
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mlcd import dist
+from mlcd.cluster.files import check_same, has_features, load_json, save_json, shard_delay_hook, versions, write_features
+from mlcd.data.labels import shard_stem
+
+log = logging.getLogger(__name__)
+EXTRACT_KEYS = ("model", "pretrained", "model_config", "image_size", "text", "fusion")
+
+
+def build_model(ec, seed: int, device):
+    """open_clip model + eval transform (+ tokenizer when captions are used)."""
+    import open_clip
+
+    if ec.model_config:  # a custom architecture given as an open_clip JSON config
+        open_clip.add_model_config(ec.model_config)
+    if not ec.pretrained:
+        banner = "!" * 100
+        msg = (f"\n{banner}\nextract.pretrained is null: '{ec.model}' gets RANDOM weights. The features, clusters and "
+               f"labels are meaningless for training (fine for tests and smoke runs only).\n{banner}")
+        log.warning(msg)
+        print(msg, flush=True)
+    torch.manual_seed(seed)  # random init must be identical on every rank and every resume
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        ec.model, pretrained=ec.pretrained or None, force_image_size=ec.image_size)
+    model = model.to(device).eval()
+    tokenizer = open_clip.get_tokenizer(ec.model) if ec.text else None
+    return model, preprocess, tokenizer
+
+
+def read_captions(url: str) -> dict[str, str]:
+    """{key: caption} from a local tar's `.txt` members (webdataset key = path up to the first dot)."""
+    if url.startswith("pipe:"):
+        raise ValueError(f"extract.text=true needs local shard files to read captions; got {url!r}")
+    caps = {}
+    with tarfile.open(url) as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            base = os.path.basename(m.name)
+            stem, _, ext = base.partition(".")
+            if ext == "txt":
+                key = os.path.join(os.path.dirname(m.name), stem)
+                caps[key] = tar.extractfile(m).read().decode("utf-8", errors="replace").strip()
+    return caps
+
+
+def _autocast(device, precision: str):
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+
+
+@torch.no_grad()
+def shard_features(model, preprocess, tokenizer, url: str, ec, device):
+    """(fp16 features [n, d], keys, skip counts, captions used) for one shard."""
+    from mlcd.data.loader import make_extract_loader
+
+    loader = make_extract_loader([url], preprocess, int(ec.batch_size), int(ec.num_workers))
+    caps = read_captions(url) if ec.text else {}
+    feats, keys, n_caps = [], [], 0
+    for images, batch_keys in loader:
+        with _autocast(device, ec.precision):
+            f = model.encode_image(images.to(device, non_blocking=True))
+        f = F.normalize(f.float(), dim=-1)
+        if ec.text:
+            has = [k in caps for k in batch_keys]
+            if any(has):
+                idx = [i for i, h in enumerate(has) if h]
+                tokens = tokenizer([caps[batch_keys[i]] for i in idx]).to(device)
+                with _autocast(device, ec.precision):
+                    t = model.encode_text(tokens)
+                t = F.normalize(t.float(), dim=-1)
+                f[idx] = F.normalize(f[idx] + t, dim=-1)  # fusion: normalised mean of the two unit vectors
+                n_caps += len(idx)
+        feats.append(f.half().cpu())
+        keys.extend(batch_keys)
+    if feats:
+        out = torch.cat(feats).numpy()
+    else:
+        out = np.zeros((0, int(model.visual.output_dim)), np.float16)
+    skips = dict(loader.skip_counts()) if hasattr(loader, "skip_counts") else {}
+    return out, keys, skips, n_caps
+
+
+def run(cfg, cfg_dict: dict, urls: list[str], device) -> None:
+    """Stage 1, every rank: features for shards r, r+W, ... not done yet; rank 0 writes the manifest."""
+    from tqdm import tqdm
+
+    ec = cfg.extract
+    fdir = Path(cfg.out_dir) / "features"
+    stems = [shard_stem(u) for u in urls]
+    settings = {key: ec[key] for key in EXTRACT_KEYS}
+    settings["seed"] = int(cfg.seed)
+    man_path = fdir / "manifest.json"
+    if dist.is_main():
+        fdir.mkdir(parents=True, exist_ok=True)
+        old = load_json(man_path)
+        if old:
+            check_same(man_path, old.get("settings", {}), settings, "features")
+        save_json(man_path, {**old, "settings": settings, "complete": False, "config": cfg_dict,
+                             "versions": versions()})
+    dist.barrier()
+
+    mine = [(u, s) for i, (u, s) in enumerate(zip(urls, stems))
+            if i % dist.world_size() == dist.rank() and not has_features(fdir, s)]
+    if mine:
+        model, preprocess, tokenizer = build_model(ec, int(cfg.seed), device)
+        n_img, t0 = 0, time.time()
+        bar = tqdm(mine, desc="extract", unit="shard", disable=not dist.is_main())
+        for url, stem in bar:
+            feats, keys, skips, n_caps = shard_features(model, preprocess, tokenizer, url, ec, device)
+            if ec.text:
+                skips = {**skips, "no_caption": len(keys) - n_caps}
+            write_features(fdir, stem, feats, keys, skips)
+            n_img += len(keys)
+            bar.set_postfix(img_s=f"{n_img / max(time.time() - t0, 1e-9):.1f}")
+            shard_delay_hook()
+    dist.barrier()
+    if dist.is_main():
+        rows, skipped, dim = 0, {}, None
+        for s in stems:
+            a = np.load(fdir / f"{s}.npy", mmap_mode="r")
+            rows += len(a)
+            dim = dim or (a.shape[1] if len(a) else None)
+            for why, c in load_json(fdir / f"{s}.skips.json").items():
+                skipped[why] = skipped.get(why, 0) + int(c)
+        save_json(man_path, {"settings": settings, "complete": True, "config": cfg_dict, "versions": versions(),
+                             "shards": len(stems), "rows": rows, "dim": dim, "skipped": skipped,
+                             "dtype": "float16", "normalized": True})
+        print(f"extract: {rows} images in {len(stems)} shards, d={dim}, skipped {skipped} -> {fdir}")

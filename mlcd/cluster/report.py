@@ -1,0 +1,38 @@
+"""Reports: the top-level manifest (one section per stage) and the cluster-size histogram."""
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mlcd.cluster.files import load_json, save_json, versions
+
+
+def update_manifest(directory, cfg: dict, section: str | None = None, data: dict | None = None) -> dict:
+    """Read-modify-write `directory/manifest.json`: config, versions, and `data` under `section`."""
+    path = Path(directory) / "manifest.json"
+    man = load_json(path)
+    man.update(config=cfg, versions=versions(), updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if section is not None:
+        man[section] = data
+    save_json(path, man)
+    return man
+
+
+def plot_sizes(sizes: np.ndarray, path, title: str) -> None:
+    """Histogram of cluster sizes (log-count axis), written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.arange(0, sizes.max() + 2) - 0.5 if sizes.max() < 100 else 100
+    ax.hist(sizes, bins=bins, log=True, color="tab:blue")
+    ax.set_xlabel("points per cluster (training sample)")
+    ax.set_ylabel("clusters (log)")
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
