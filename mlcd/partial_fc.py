@@ -1,0 +1,324 @@
+"""PartialFC for multi-label MLCD: class centers sharded over ranks, negative classes sampled each step.
+
+Data flow of one forward (every rank runs the same collectives in the same order, owned positives or not):
+
+  1. all_gather of (b, l, input-is-bad) from every rank (one tiny collective): bad labels on any rank make every
+     rank raise ValueError instead of leaving the others blocked in the next collective. The local batch is then
+     padded to the largest b and l (embedding rows of zeros, labels -1: padded rows are invalid samples, out of
+     the mean, zero gradient), so uneven local batches and label widths are supported.
+  2. embeddings [b, D] -> [B, D] with ONE all_gather_into_tensor; labels [b, l] -> [B, l] with another.
+  3. sampling on this rank's shard (`sample`): every class that is a positive of ANY sample of the global batch and
+     lives here is kept; negatives are drawn uniformly without replacement from the other local classes with a
+     per-rank generator seeded from (seed, rank, step). Budget rule (loss.budget):
+        ratio (default): n_neg = round(r * (n_local - |P|))   -- r of the NON-positive local classes, matching the
+                         paper's |Omega'_n| = r * |Omega_n|; all positives come on top, so r keeps its meaning
+                         even when a large multi-label batch has more positives than r * n_local.
+        total          : n_neg = max(0, round(r * n_local) - |P|)  -- insightface's fixed per-rank width including
+                         the positives; positives only when they exceed it.
+     round() is round-half-up. The sampled rows are a sorted index; labels are remapped into it by searchsorted.
+  4. cosines of normalised embeddings and sampled centers (bf16 autocast GEMM on GPU), then the loss in fp32 with
+     two fused [B, 2] all-reduces (mlcd/loss.py). The returned loss is the global-batch mean, identical on all ranks.
+
+Backward and DDP: the embedding all-gather's backward is a reduce_scatter (SUM) of d(loss)/d(gathered embeddings),
+so each rank receives the exact gradient of the GLOBAL loss w.r.t. its own local embeddings, summed over the
+center shards. DDP then AVERAGES the backbone gradients over the W ranks, so with `ddp_average=True` (default) that
+gradient is multiplied by W first: the backbone .grad after DDP's all-reduce equals d(global mean loss)/d(theta)
+exactly. Use ddp_average=False if the backbone gradients are SUMMED across ranks instead (e.g. a hand-written
+all-reduce without division).
+
+Update semantics (sparse): the sampled rows are read with F.embedding(sparse=True), so the shard's gradient is a
+sparse COO tensor whose rows are exactly the rows sampled since the last zero_grad (the union over gradient-
+accumulation micro-steps). `make_optimizer` returns `SparseRowAdamW`, which AdamW-updates only those rows, with a
+per-row step count for bias correction, and leaves every other row and its moments bit-identical: no weight decay
+or momentum drift on classes that were not sampled (unlike insightface PartialFC_V2's dense gradient).
+"""
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mlcd import dist as mdist
+from mlcd.loss import KINDS, MARGIN_TYPES, label_error, margin_lse, prepare_labels
+
+BUDGETS = ("ratio", "total")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Contiguous class blocks: rank r holds C//W + (r < C%W) classes starting at C//W*r + min(r, C%W)."""
+
+    num_classes: int
+    world_size: int
+
+    def n_local(self, rank: int) -> int:
+        return self.num_classes // self.world_size + int(rank < self.num_classes % self.world_size)
+
+    def start(self, rank: int) -> int:
+        return self.num_classes // self.world_size * rank + min(rank, self.num_classes % self.world_size)
+
+    def bounds(self, rank: int) -> tuple[int, int]:
+        return self.start(rank), self.n_local(rank)
+
+    def to_dict(self) -> dict:
+        return {"num_classes": self.num_classes, "world_size": self.world_size,
+                "starts": [self.start(r) for r in range(self.world_size)],
+                "sizes": [self.n_local(r) for r in range(self.world_size)]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ShardSpec":
+        spec = cls(int(d["num_classes"]), int(d["world_size"]))
+        if "starts" in d and (d["starts"] != spec.to_dict()["starts"] or d["sizes"] != spec.to_dict()["sizes"]):
+            raise ValueError(f"shard table {d} does not follow the contiguous-block rule for C={spec.num_classes}, "
+                             f"W={spec.world_size}")
+        return spec
+
+
+def sample_seed(seed: int, rank: int, step: int) -> int:
+    """A 63-bit generator seed from (seed, rank, step): reproducible on resume, uncorrelated across ranks and steps."""
+    return int.from_bytes(hashlib.sha256(repr(("pfc", int(seed), int(rank), int(step))).encode()).digest()[:8],
+                          "little") >> 1
+
+
+def budget(n_local: int, n_pos: int, ratio: float, rule: str) -> int:
+    """How many negatives to sample on a shard (see module docstring)."""
+    if rule == "ratio":
+        return min(n_local - n_pos, int(math.floor(ratio * (n_local - n_pos) + 0.5)))
+    return max(0, min(n_local, int(math.floor(ratio * n_local + 0.5))) - n_pos)
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather_into_tensor forward; reduce_scatter(SUM) * grad_scale backward (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, world_size, grad_scale):
+        ctx.grad_scale = grad_scale
+        return _gather_plain(x, world_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.new_empty((grad.shape[0] // dist.get_world_size(), *grad.shape[1:]))
+        reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed
+        reduce_scatter(out, grad.contiguous(), op=dist.ReduceOp.SUM)
+        if ctx.grad_scale != 1:
+            out.mul_(ctx.grad_scale)
+        return out, None, None
+
+
+def _gather_plain(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """all_gather_into_tensor (renamed all_gather_single in recent torch) into one [W*b, ...] buffer."""
+    out = x.new_empty((world_size * x.shape[0], *x.shape[1:]))
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x.contiguous())
+    return out
+
+
+class PartialFC(torch.nn.Module):
+    """This rank's block of the [C, D] class-center matrix and the sampled margin loss over the global batch."""
+
+    def __init__(self, num_classes: int, embed_dim: int, kind: str = "mlcd", scale: float = 64.0,
+                 margin: float = 0.3, margin_type: str = "arcface", sample_ratio: float = 0.1,
+                 budget: str = "ratio", seed: int = 0, ddp_average: bool = True,
+                 rank: int | None = None, world_size: int | None = None):
+        super().__init__()
+        if kind not in KINDS or margin_type not in MARGIN_TYPES or budget not in BUDGETS:
+            raise ValueError(f"loss kind/margin_type/budget must be in {KINDS}/{MARGIN_TYPES}/{BUDGETS}, "
+                             f"got {kind!r}/{margin_type!r}/{budget!r}")
+        if not 0 <= sample_ratio <= 1:
+            raise ValueError(f"sample_ratio must be in [0, 1], got {sample_ratio}")
+        self.kind, self.scale, self.margin, self.margin_type = kind, float(scale), float(margin), margin_type
+        self.sample_ratio, self.budget, self.seed, self.ddp_average = float(sample_ratio), budget, int(seed), ddp_average
+        # rank/world_size overrides build one shard of a larger world in a single process (tests, offline tools);
+        # forward() then refuses to run without a matching process group.
+        self.rank = mdist.rank() if rank is None else rank
+        self.shard_spec = ShardSpec(num_classes, mdist.world_size() if world_size is None else world_size)
+        self.start, self.n_local = self.shard_spec.bounds(self.rank)
+        self.num_classes, self.embed_dim = num_classes, embed_dim
+        self.weight = torch.nn.Parameter(torch.normal(0, 0.01, (self.n_local, embed_dim)))
+        self.last_index = None  # the sampled local rows of the last forward (for logging/tests)
+
+    def extra_repr(self) -> str:
+        return (f"classes {self.start}..{self.start + self.n_local} of {self.num_classes}, rank {self.rank}/"
+                f"{self.shard_spec.world_size}, dim {self.embed_dim}, kind={self.kind}, s={self.scale}, "
+                f"m={self.margin} ({self.margin_type}), r={self.sample_ratio} ({self.budget})")
+
+    # ---- sampling -------------------------------------------------------------------------------------------
+    def sample(self, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, pos_cols) for global labels [B, l]: the sorted local rows used this step, and each label's column
+        in that index (-1: padding or held by another rank)."""
+        start, n = self.start, self.n_local
+        device = self.weight.device
+        owned = (labels >= start) & (labels < start + n)
+        local = torch.where(owned, labels - start, 0)
+        if (self.sample_ratio >= 1 and self.budget == "ratio") or n == 0:
+            index = torch.arange(n, device=device)
+            return index, torch.where(owned, local, -1)
+        positives = torch.unique(local[owned])                          # sorted
+        n_neg = budget(n, positives.numel(), self.sample_ratio, self.budget)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(sample_seed(self.seed, self.rank, step))
+        score = torch.rand(n, generator=gen, device=device)             # top-k of iid uniforms = uniform subset
+        score[positives] = 2.0                                          # above every draw: always kept
+        index = score.topk(positives.numel() + n_neg, sorted=False).indices.sort().values
+        return index, torch.where(owned, torch.searchsorted(index, local), -1)
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
+        """Global-batch mean loss (the same value on every rank). `step` seeds the negative sample."""
+        error = label_error(labels, self.num_classes)
+        if error is None and (embeddings.ndim != 2 or embeddings.shape[1] != self.embed_dim
+                              or embeddings.shape[0] != labels.shape[0]):
+            error = (f"embeddings must be [batch, {self.embed_dim}] matching labels {tuple(labels.shape)}, "
+                     f"got {tuple(embeddings.shape)}")
+        world = self.shard_spec.world_size
+        if world == 1 and error is not None:
+            raise ValueError(error)
+        if world > 1:
+            if not (mdist.is_dist() and dist.get_world_size() == world and dist.get_rank() == self.rank):
+                raise RuntimeError(f"PartialFC was built for rank {self.rank} of {world} but the process group is "
+                                   f"{'absent' if not mdist.is_dist() else f'rank {dist.get_rank()} of {dist.get_world_size()}'}")
+            # (b, l, bad) from every rank: a bad input on one rank makes EVERY rank raise here, none hangs later.
+            b, l = labels.shape if error is None else (0, 0)
+            info = _gather_plain(torch.tensor([[b, l, int(error is not None)]], device=self.weight.device), world)
+            if bool(info[:, 2].any()):
+                bad_ranks = info[:, 2].nonzero().flatten().tolist()
+                raise ValueError(f"rank {self.rank}: {error}" if error is not None else
+                                 f"invalid PartialFC input on rank(s) {bad_ranks} (see that rank's error)")
+            b_max, l_max = info[:, :2].amax(0).tolist()
+            labels = F.pad(labels, (0, l_max - l, 0, b_max - b), value=-1)
+            embeddings = F.pad(embeddings, (0, 0, 0, b_max - b))
+            embeddings = _GatherRows.apply(embeddings, world, float(world) if self.ddp_average else 1.0)
+            labels = _gather_plain(labels, world)
+        labels, valid = prepare_labels(labels, self.kind)
+        index, pos_cols = self.sample(labels, step)
+        self.last_index = index
+
+        centers = F.normalize(F.embedding(index, self.weight, sparse=True), dim=1)
+        embeddings = F.normalize(embeddings.float(), dim=1)
+        use_bf16 = embeddings.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            cos = F.linear(embeddings, centers)
+        return margin_lse(cos, pos_cols, valid, self.kind, self.scale, self.margin, self.margin_type,
+                          distributed=world > 1)
+
+    # ---- optimizer, clipping, checkpoints ---------------------------------------------------------------------
+    def make_optimizer(self, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
+        return SparseRowAdamW(self.weight, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+
+    def grad_sq_norm(self) -> torch.Tensor:
+        """Squared norm of this shard's gradient (all-reduce SUM it with the others' for a global clip norm)."""
+        g = self.weight.grad
+        if g is None:
+            return torch.zeros((), device=self.weight.device)
+        values = g.coalesce().values() if g.is_sparse else g
+        return values.float().pow(2).sum()
+
+    def get_extra_state(self) -> dict:
+        return {"num_classes": self.num_classes, "world_size": self.shard_spec.world_size, "rank": self.rank,
+                "start": self.start, "n_local": self.n_local}
+
+    def set_extra_state(self, state: dict) -> None:
+        mine = self.get_extra_state()
+        if state != mine:
+            raise ValueError(f"center shard mismatch: the state is {state} but this module is {mine}; "
+                             "use mlcd.partial_fc.reshard to change the world size")
+
+
+class SparseRowAdamW(torch.optim.Optimizer):
+    """AdamW for a center shard whose gradient is a sparse COO tensor: only the rows present in the gradient
+    (sampled since the last step) are updated -- decoupled weight decay, moments and a per-row step count for bias
+    correction, exactly torch.optim.AdamW's formula applied to each such row as if it had been stepped alone.
+    Rows absent from the gradient, and their moments and step counts, are not touched. State (exp_avg, exp_avg_sq:
+    [n, D]; row_step: int64 [n]) is allocated up front so a checkpoint always holds it."""
+
+    def __init__(self, weight: torch.Tensor, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
+                 eps: float = 1e-8):
+        super().__init__([weight], dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps))
+        self.state[weight] = {"exp_avg": torch.zeros_like(weight, memory_format=torch.contiguous_format),
+                              "exp_avg_sq": torch.zeros_like(weight, memory_format=torch.contiguous_format),
+                              "row_step": torch.zeros(weight.shape[0], dtype=torch.int64, device=weight.device)}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd, (beta1, beta2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise TypeError("SparseRowAdamW expects the sparse row gradient produced by PartialFC.forward")
+                g = p.grad.coalesce()
+                rows, grad = g.indices()[0], g.values()
+                if rows.numel() == 0:
+                    continue
+                st = self.state[p]
+                t = st["row_step"][rows] + 1
+                st["row_step"][rows] = t
+                w = p[rows].mul_(1 - lr * wd)
+                m = st["exp_avg"][rows].lerp_(grad, 1 - beta1)
+                v = st["exp_avg_sq"][rows].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                t = t.double()[:, None]
+                step_size = (lr / (1 - beta1 ** t)).to(grad.dtype)
+                bc2_sqrt = (1 - beta2 ** t).sqrt().to(grad.dtype)
+                w.sub_(m / (v.sqrt() / bc2_sqrt).add_(eps) * step_size)
+                st["exp_avg"][rows] = m
+                st["exp_avg_sq"][rows] = v
+                p[rows] = w
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        p = self.param_groups[0]["params"][0]
+        st = state_dict["state"].get(0, {})
+        for key, shape in (("exp_avg", tuple(p.shape)), ("exp_avg_sq", tuple(p.shape)), ("row_step", (p.shape[0],))):
+            if key not in st or tuple(st[key].shape) != shape:
+                raise ValueError(f"center optimizer state: {key} is "
+                                 f"{tuple(st[key].shape) if key in st else 'missing'}, expected {shape}")
+        row_step = st["row_step"].to(device=p.device, dtype=torch.int64)
+        super().load_state_dict(state_dict)
+        self.state[p]["row_step"] = row_step                           # keep int64 (the base class casts to float)
+
+
+def reshard(rank_states: list, new_world_size: int) -> list:
+    """Re-split per-rank states {"shard": PartialFC.state_dict(), "optim": SparseRowAdamW.state_dict()} (optim
+    optional) saved at world size len(rank_states) into `new_world_size` states: concatenate in rank order, split
+    by the contiguous-block rule. Weights, both moments and the row step counts move with their rows. Pure."""
+    old_world = len(rank_states)
+    infos = [s["shard"]["_extra_state"] for s in rank_states]
+    num_classes = infos[0]["num_classes"]
+    for r, info in enumerate(infos):
+        if info["rank"] != r or info["world_size"] != old_world or info["num_classes"] != num_classes:
+            raise ValueError(f"reshard: state {r} is {info}, expected rank {r} of {old_world} with C={num_classes}")
+    full = {"weight": torch.cat([s["shard"]["weight"] for s in rank_states])}
+    if full["weight"].shape[0] != num_classes:
+        raise ValueError(f"reshard: shards hold {full['weight'].shape[0]} rows in total, expected {num_classes}")
+    has_optim = all("optim" in s for s in rank_states)
+    if has_optim:
+        for key in ("exp_avg", "exp_avg_sq", "row_step"):
+            full[key] = torch.cat([s["optim"]["state"][0][key] for s in rank_states])
+    spec = ShardSpec(num_classes, new_world_size)
+    out = []
+    for r in range(new_world_size):
+        start, n = spec.bounds(r)
+        rows = {k: v[start:start + n].clone() for k, v in full.items()}
+        info = {"num_classes": num_classes, "world_size": new_world_size, "rank": r, "start": start, "n_local": n}
+        state = {"shard": {"weight": rows["weight"], "_extra_state": info}}
+        if has_optim:
+            groups = [{**g} for g in rank_states[0]["optim"]["param_groups"]]
+            state["optim"] = {"state": {0: {k: rows[k] for k in ("exp_avg", "exp_avg_sq", "row_step")}},
+                              "param_groups": groups}
+        out.append(state)
+    return out
+
+
+def build_partial_fc(loss_cfg, num_classes: int, embed_dim: int, seed: int) -> PartialFC:
+    """From a configs/loss/*.yaml mapping."""
+    get = loss_cfg.get
+    return PartialFC(num_classes, embed_dim, kind=get("kind", "mlcd"), scale=get("scale", 64.0),
+                     margin=get("margin", 0.3), margin_type=get("margin_type", "arcface"),
+                     sample_ratio=get("sample_ratio", 0.1), budget=get("budget", "ratio"), seed=seed,
+                     ddp_average=get("ddp_average", True))
