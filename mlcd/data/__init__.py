@@ -1,0 +1,1 @@
+"""Data: shard writing, label files beside the shards, the webdataset loaders, dataset sources."""

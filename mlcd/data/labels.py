@@ -1,0 +1,73 @@
+"""Per-shard multi-label files kept beside the image shards (the clustering -> training contract).
+
+Why beside and not inside the tars: re-clustering (another K, another top-k, other features) must not
+rewrite hundreds of TB of images, and several label sets can sit over the same shards. The loader
+joins labels to samples by `__key__`, so skipped/corrupt samples can never shift labels.
+
+For a shard `.../NAME.tar` and a labels directory L:
+    L/NAME.keys.txt     utf-8, one `__key__` per line, row order of the arrays below
+    L/NAME.labels.npy   int32 [n, k], center ids sorted by decreasing similarity
+    L/NAME.sims.npy     float32 [n, k], the matching cosine similarities
+plus L/manifest.json written by the stage that produced them.
+"""
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def shard_stem(url: str) -> str:
+    """`pipe:aws s3 cp s3://b/x/shard-0001.tar -` or `/d/shard-000001.tar` -> `shard-000001`."""
+    name = url.rstrip().split()[-1] if url.startswith("pipe:") else url
+    name = name.rstrip("/").rsplit("/", 1)[-1]
+    if name == "-":  # `pipe:cmd ... -`: take the last token that looks like a path
+        name = [t for t in url.split() if t.endswith(".tar")][-1].rsplit("/", 1)[-1]
+    for ext in (".tar.gz", ".tgz", ".tar"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _paths(labels_dir, stem):
+    d = Path(labels_dir)
+    return d / f"{stem}.keys.txt", d / f"{stem}.labels.npy", d / f"{stem}.sims.npy"
+
+
+def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+def write_shard_labels(labels_dir, stem: str, keys, labels: np.ndarray, sims: np.ndarray) -> None:
+    """Write one shard's labels atomically (arrays first, keys last: keys.txt marks completion)."""
+    labels = np.asarray(labels)
+    sims = np.asarray(sims, dtype=np.float32)
+    if labels.ndim != 2 or labels.shape[0] != len(keys) or sims.shape != labels.shape:
+        raise ValueError(f"shard {stem}: labels {labels.shape}, sims {sims.shape} and {len(keys)} keys disagree")
+    if any("\n" in k for k in keys):
+        raise ValueError(f"shard {stem}: a key contains a newline")
+    keys_p, labels_p, sims_p = _paths(labels_dir, stem)
+    keys_p.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save_npy(labels_p, labels.astype(np.int32))
+    _atomic_save_npy(sims_p, sims)
+    tmp = keys_p.with_name(keys_p.name + ".tmp")
+    tmp.write_text("".join(k + "\n" for k in keys), encoding="utf-8")
+    os.replace(tmp, keys_p)
+
+
+def has_shard_labels(labels_dir, stem: str) -> bool:
+    return all(p.exists() for p in _paths(labels_dir, stem))
+
+
+def read_shard_labels(labels_dir, stem: str):
+    """Return (keys list[str], labels int32 [n, k], sims float32 [n, k]); errors name the file."""
+    keys_p, labels_p, sims_p = _paths(labels_dir, stem)
+    if not keys_p.exists():
+        raise FileNotFoundError(f"no labels for shard {stem!r}: {keys_p} missing (did cluster.py assign run?)")
+    keys = keys_p.read_text(encoding="utf-8").splitlines()
+    labels = np.load(labels_p)
+    sims = np.load(sims_p) if sims_p.exists() else None
+    if labels.dtype != np.int32 or labels.ndim != 2 or labels.shape[0] != len(keys):
+        raise ValueError(f"{labels_p}: expected int32 [{len(keys)}, k], got {labels.dtype} {labels.shape}")
+    return keys, labels, sims

@@ -1,0 +1,91 @@
+"""Image transforms: the training crop (RandomResizedCrop + flip) driven by an explicit RNG, and the eval resize.
+
+The training transform takes its randomness from a `random.Random` passed in by the caller (one per
+loader stream), never from torch's or Python's global RNG: the loader restarts with a derived seed
+at checkpoint boundaries and must reproduce the same stream bit for bit.
+"""
+import math
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Grayscale, palette, CMYK and alpha images -> 3-channel RGB (alpha dropped)."""
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def to_normalized_tensor(img: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """RGB PIL image -> float32 [3, H, W], (x / 255 - mean) / std."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+def crop_params(width: int, height: int, scale, ratio, rng: random.Random):
+    """(left, top, w, h) of a random crop with area fraction in `scale` and aspect ratio in `ratio`.
+
+    Same algorithm as torchvision's RandomResizedCrop.get_params (10 tries, then a central crop with
+    the ratio clamped), with `rng` instead of the global torch RNG."""
+    area = width * height
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_r))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+class TrainTransform:
+    """RandomResizedCrop(size, scale, ratio, bicubic) + horizontal flip + CLIP mean/std: `t(img, rng) -> [3, S, S]`."""
+
+    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
+                 interpolation: str = "bicubic", mean=CLIP_MEAN, std=CLIP_STD):
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {tuple(scale)}")
+        self.size, self.scale, self.ratio, self.hflip = int(size), tuple(scale), tuple(ratio), float(hflip)
+        self.interpolation, self.mean, self.std = _INTERP[interpolation], tuple(mean), tuple(std)
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        img = to_rgb(img)
+        left, top, w, h = crop_params(img.width, img.height, self.scale, self.ratio, rng)
+        img = img.resize((self.size, self.size), self.interpolation, box=(left, top, left + w, top + h))
+        if self.hflip and rng.random() < self.hflip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_normalized_tensor(img, self.mean, self.std)
+
+
+class EvalTransform:
+    """Resize the shortest side to `size` (bicubic), center crop `size`, CLIP mean/std: `t(img) -> [3, S, S]`."""
+
+    def __init__(self, size: int, interpolation: str = "bicubic", mean=CLIP_MEAN, std=CLIP_STD):
+        self.size, self.interpolation, self.mean, self.std = int(size), _INTERP[interpolation], tuple(mean), tuple(std)
+
+    def __call__(self, img: Image.Image, rng=None) -> torch.Tensor:
+        img = to_rgb(img)
+        w, h = img.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(self.size * long / short)  # torchvision Resize(int) rounding
+        new_w, new_h = (self.size, new_long) if w <= h else (new_long, self.size)
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), self.interpolation)
+        left, top = int(round((new_w - self.size) / 2.0)), int(round((new_h - self.size) / 2.0))
+        img = img.crop((left, top, left + self.size, top + self.size))
+        return to_normalized_tensor(img, self.mean, self.std)
