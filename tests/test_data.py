@@ -17,7 +17,7 @@ from PIL import Image
 
 from mlcd.data import fashion_mnist
 from mlcd.data.labels import write_shard_labels
-from mlcd.data.loader import expand_urls, iter_samples, make_extract_loader
+from mlcd.data.loader import expand_urls, iter_samples, make_extract_loader, make_train_loader
 from mlcd.data.make_shards import (main as make_shards_main, shards_from_fashion_mnist, shards_from_folder,
                                    shards_from_table, shards_from_torchvision)
 from mlcd.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform
@@ -214,3 +214,137 @@ def test_expand_urls(tmp_path, fm_shards):
     # pipe: URLs are read through webdataset's gopen
     loader = make_extract_loader(f"pipe:cat {out}/fmnist-test-000002.tar", EvalTransform(28), 64, 0)
     assert sum(len(k) for _, k in loader) == 120
+
+
+# ------------------------------------------------------------------ training loader
+
+N_IMG = 40  # image i is uniform gray 10 + 5 i: its pixels say which sample it is, whatever the crop
+
+
+def _value_to_index(images: torch.Tensor) -> list[int]:
+    v = (images[:, 0, 0, 0] * CLIP_STD[0] + CLIP_MEAN[0]) * 255
+    return [int(round((x - 10) / 5)) for x in v.tolist()]
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """40 images -> 8 shards of 5 (folder source), labels [i, 1000 + i % 7] joined by key."""
+    root = tmp_path_factory.mktemp("lab")
+    for i in range(N_IMG):
+        (root / "imgs").mkdir(exist_ok=True)
+        Image.new("L" if i % 3 else "RGB", (12, 10), (10 + 5 * i) if i % 3 else (10 + 5 * i,) * 3).save(
+            root / "imgs" / f"im{i:03d}.png")
+    m = shards_from_folder(root / "imgs", root / "shards", prefix="lab", max_per_shard=5)
+    for s in m["shards"]:
+        keys = [x["__key__"] for x in iter_samples(str(root / "shards" / s["name"]), None)]
+        idx = np.array([int(k[2:]) for k in keys])
+        write_shard_labels(root / "labels", s["name"][:-4], keys[::-1],  # file row order != tar order
+                           np.stack([idx, 1000 + idx % 7], 1)[::-1].astype(np.int32),
+                           np.ones((len(keys), 2), np.float32))
+    return str(root / "shards" / "lab-{000000..000007}.tar"), str(root / "labels")
+
+
+def _run(loader, n_batches=None):
+    ids, labels = [], []
+    for b, (x, y) in enumerate(loader):
+        assert x.dtype == torch.float32 and y.dtype == torch.int64 and y.shape == (len(x), 2)
+        ids += _value_to_index(x)
+        labels += y.tolist()
+        if n_batches and b + 1 == n_batches:
+            break
+    return ids, labels
+
+
+@pytest.mark.parametrize("num_workers,augment", [(0, False), (2, True)])
+def test_single_pass_yields_every_sample_once_with_its_labels(labelled, num_workers, augment):
+    urls, labels_dir = labelled
+    loader = make_train_loader(urls, labels_dir, batch_size=6, num_workers=num_workers, image_size=8, seed=3,
+                               resampled=False, shuffle_buffer=7, augment=augment)
+    ids, labels = _run(loader)
+    assert sorted(ids) == list(range(N_IMG))
+    assert labels == [[i, 1000 + i % 7] for i in ids]  # labels joined by key, not by position
+    assert ids != sorted(ids)  # shuffled (shards and buffer)
+    assert _run(make_train_loader(urls, labels_dir, 6, num_workers, 8, seed=3, resampled=False,
+                                  shuffle_buffer=7, augment=augment))[0] == ids  # deterministic for a seed
+    assert sum(loader.skip_counts().values()) == 0
+
+
+def test_two_ranks_two_workers_partition_the_shards(labelled):
+    urls, labels_dir = labelled
+    per_rank = [_run(make_train_loader(urls, labels_dir, 4, 2, 8, seed=0, resampled=False, rank=r, world_size=2))[0]
+                for r in range(2)]
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(N_IMG))
+    assert len(per_rank[0]) == len(per_rank[1]) == N_IMG // 2  # 8 shards of 5 over 2 x 2 streams
+
+
+_DIST_SCRIPT = """
+import json, sys
+from mlcd import dist
+from mlcd.data.loader import make_train_loader
+dist.init()
+loader = make_train_loader(sys.argv[1], sys.argv[2], 4, 0, 8, seed=0, resampled=False)  # rank/world from mlcd.dist
+ids = []
+for x, y in loader:
+    ids += y[:, 0].tolist()
+json.dump({"rank": dist.rank(), "world": dist.world_size(), "ids": ids}, open(f"{sys.argv[3]}/{dist.rank()}.json", "w"))
+dist.cleanup()
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_split_shards_via_mlcd_dist(labelled, tmp_path):
+    urls, labels_dir = labelled
+    (tmp_path / "w.py").write_text(_DIST_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                          str(tmp_path / "w.py"), urls, labels_dir, str(tmp_path)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert [(r["rank"], r["world"]) for r in res] == [(0, 2), (1, 2)]
+    assert len(res[0]["ids"]) == len(res[1]["ids"]) == N_IMG // 2
+    assert sorted(res[0]["ids"] + res[1]["ids"]) == list(range(N_IMG))
+
+
+def test_resampled_stream_is_reproducible_and_seed_dependent(labelled):
+    urls, labels_dir = labelled
+
+    def first(seed, n=12, **kw):
+        loader = make_train_loader(urls, labels_dir, 5, kw.pop("num_workers", 2), 8, seed=seed, shuffle_buffer=6,
+                                   scale=(0.3, 1.0), **kw)
+        out = []
+        for b, (x, y) in enumerate(loader):
+            out.append((x, y))
+            if b + 1 == n:
+                return out
+
+    torch.manual_seed(1)
+    a = first(7)
+    torch.manual_seed(2)
+    import random
+    random.seed(5)
+    np.random.seed(5)
+    b = first(7)
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    c = first(8)
+    assert not all(torch.equal(ya, yc) for (_, ya), (_, yc) in zip(a, c))
+    # in-process stream (num_workers=0) leaves torch's global RNG alone and is reproducible too
+    state = torch.get_rng_state()
+    d = first(7, num_workers=0)
+    assert torch.equal(state, torch.get_rng_state())
+    e = first(7, num_workers=0)
+    assert all(torch.equal(xd, xe) for (xd, _), (xe, _) in zip(d, e))
+    # resampled = re-drawn passes: without a shuffle buffer the first 40 samples are one pass over all data
+    ids, labels = _run(make_train_loader(urls, labels_dir, 5, 0, 8, seed=1, shuffle=False), n_batches=8)
+    assert sorted(ids) == list(range(N_IMG)) and labels == [[i, 1000 + i % 7] for i in ids]
+
+
+def test_k_columns(labelled):
+    urls, labels_dir = labelled
+    x, y = next(iter(make_train_loader(urls, labels_dir, 4, 0, 8, seed=0, k=1, resampled=False, augment=False)))
+    assert y.shape == (4, 1) and y[:, 0].tolist() == _value_to_index(x)
+    with pytest.raises(ValueError, match=r"lab-0000\d\d.*k=2 columns, 3 are needed"):
+        next(iter(make_train_loader(urls, labels_dir, 4, 0, 8, seed=0, k=3)))

@@ -36,6 +36,7 @@ import logging
 import os
 import random
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -330,3 +331,192 @@ def make_extract_loader(urls, transform=None, batch_size: int = 256, num_workers
     urls = expand_urls(urls)
     transform = transform if transform is not None else EvalTransform(image_size)
     return _Loader(_ExtractStream(urls, transform, batch_size), num_workers)
+
+
+# ---------------------------------------------------------------- training (labels joined by key)
+
+class _LabelIndex:
+    """One shard's labels as {key: row int64 [k]}, or the reason every key of the shard is bad."""
+
+    def __init__(self, labels_dir, url: str, k: int):
+        self.stem, self.rows, self.problem = shard_stem(url), {}, None
+        try:
+            keys, labels, _ = read_shard_labels(labels_dir, self.stem)
+        except FileNotFoundError as e:
+            self.problem = ("missing_labels", str(e))
+            return
+        except ValueError as e:
+            self.problem = ("bad_labels", str(e))
+            return
+        if labels.shape[1] < k:
+            self.problem = ("bad_labels", f"labels of shard {self.stem} have k={labels.shape[1]} columns, "
+                                          f"{k} are needed")
+            return
+        labels = labels[:, :k].astype(np.int64)  # columns are sorted by similarity: the first k are the top-k
+        self.rows = dict(zip(keys, labels))
+
+    def get(self, key: str):
+        """(row, None) or (None, (reason, detail))."""
+        if self.problem is not None:
+            return None, self.problem
+        row = self.rows.get(key)
+        if row is None:
+            return None, ("missing_labels", f"key not in the labels of shard {self.stem}")
+        if (row < -1).any():
+            return None, ("bad_labels", f"label ids {row.tolist()} (only -1 may pad)")
+        return row, None
+
+
+def infer_k(labels_dir, urls) -> int:
+    """k of the first shard whose labels exist (read from the .npy header only)."""
+    for url in urls:
+        p = Path(labels_dir) / f"{shard_stem(url)}.labels.npy"
+        if p.exists():
+            arr = np.load(p, mmap_mode="r")
+            if arr.ndim != 2:
+                raise ValueError(f"{p}: labels must be [n, k], got shape {arr.shape}")
+            return int(arr.shape[1])
+    raise FileNotFoundError(f"no label files for any of the {len(urls)} shards in {labels_dir} "
+                            f"(expected e.g. {shard_stem(urls[0])}.labels.npy; run cluster.py assign)")
+
+
+def shuffle_buffer(items, bufsize: int, rng: random.Random):
+    """Reservoir-style shuffle: keep `bufsize` items, emit a random one for each new item."""
+    if bufsize <= 1:
+        yield from items
+        return
+    buf = []
+    for x in items:
+        if len(buf) < bufsize:
+            buf.append(x)
+            continue
+        i = rng.randrange(len(buf))
+        buf[i], x = x, buf[i]
+        yield x
+    rng.shuffle(buf)
+    yield from buf
+
+
+def split_shards(urls, rank: int, world: int, worker: int, num_workers: int) -> list[str]:
+    """Single-pass split: by rank (node), then by worker; a partition of `urls`."""
+    return urls[rank::world][worker::num_workers]
+
+
+class _TrainStream(IterableDataset):
+    def __init__(self, urls, labels_dir, batch_size, k, seed, rank, world, num_workers, transform,
+                 bufsize, resampled, shuffle, on_bad_labels, partial, cache_shards=8):
+        self.__dict__.update(urls=urls, labels_dir=labels_dir, batch_size=int(batch_size), k=int(k),
+                             seed=int(seed), rank=rank, world=world, num_workers=max(int(num_workers), 1),
+                             transform=transform, bufsize=int(bufsize), resampled=resampled, shuffle=shuffle,
+                             on_bad_labels=on_bad_labels, partial=partial, cache_shards=cache_shards)
+
+    def _shards(self, wid: int, rng: random.Random):
+        if not self.resampled:
+            urls = list(self.urls)
+            if self.shuffle:  # the same permutation on every rank and worker, so the split stays a partition
+                random.Random(derive_seed(self.seed, "shard-order")).shuffle(urls)
+            yield from split_shards(urls, self.rank, self.world, wid, self.num_workers)
+            return
+        n_streams = self.world * self.num_workers
+        s = self.rank * self.num_workers + wid
+        mine = self.urls[s::n_streams] if len(self.urls) >= n_streams else list(self.urls)
+        while True:
+            yield from rng.sample(mine, len(mine))
+
+    def _labelled(self, wid: int, counts: Counts):
+        """Raw samples with their label row, in shard order; bad labels raise or are counted."""
+        rng = random.Random(derive_seed(self.seed, "shards", self.rank, self.world, wid, self.num_workers))
+        cache = OrderedDict()  # url -> _LabelIndex, small LRU (resampled streams revisit shards)
+        empty_passes, n_shards, n_good = 0, 0, 0
+        for url in self._shards(wid, rng):
+            if url not in cache:
+                cache[url] = _LabelIndex(self.labels_dir, url, self.k)
+                if len(cache) > self.cache_shards:
+                    cache.popitem(last=False)
+            cache.move_to_end(url)
+            index = cache[url]
+            for s in iter_samples(url, counts):
+                row, problem = index.get(s["__key__"])
+                if problem is not None:
+                    reason, detail = problem
+                    if self.on_bad_labels != "skip":
+                        raise ValueError(f"shard {url}: sample {s['__key__']!r}: {reason}: {detail}. "
+                                         "Fix the labels, or set data.on_bad_labels=skip to skip such samples")
+                    counts.add(reason, url, f"{s['__key__']}: {detail}")
+                    continue
+                s["__labels__"] = row
+                n_good += 1
+                yield s
+            n_shards += 1
+            if self.resampled and n_shards % max(len(self.urls), 1) == 0:  # guard: an endless loop over bad data
+                empty_passes = empty_passes + 1 if n_good == 0 else 0
+                n_good = 0
+                if empty_passes >= 2:
+                    raise RuntimeError(f"no usable sample in {len(self.urls)} shards over two passes "
+                                       f"(skip counts {dict(counts)}); check the shards and {self.labels_dir}")
+
+    def _batch(self, images, labels, wid, counts):
+        return torch.stack(images), torch.from_numpy(np.stack(labels)), wid, dict(counts)
+
+    def __iter__(self):
+        wid, nw = _worker()
+        if nw != self.num_workers:
+            raise RuntimeError(f"stream built for {self.num_workers} workers runs in {nw}")
+        counts = Counts()
+        tag = (self.seed, self.rank, self.world, wid, self.num_workers)
+        shuffle_rng = random.Random(derive_seed(*tag, "shuffle"))
+        aug_rng = random.Random(derive_seed(*tag, "augment"))
+        samples = self._labelled(wid, counts)
+        if self.shuffle:
+            samples = shuffle_buffer(samples, self.bufsize, shuffle_rng)
+        images, labels = [], []
+        for s in samples:
+            img = decode_image(s)
+            if isinstance(img, str):
+                counts.add(img, s["__url__"], s["__key__"])
+                continue
+            images.append(self.transform(img, aug_rng))
+            labels.append(s["__labels__"])
+            if len(images) == self.batch_size:
+                yield self._batch(images, labels, wid, counts)
+                images, labels = [], []
+        if images and self.partial:
+            yield self._batch(images, labels, wid, counts)
+        yield None, None, wid, dict(counts)
+
+
+def make_train_loader(urls, labels_dir, batch_size: int, num_workers: int, image_size: int, seed: int,
+                      k: int | None = None, shuffle_buffer: int = 2000, resampled: bool = True,
+                      on_bad_labels: str = "error", scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
+                      interpolation: str = "bicubic", mean=CLIP_MEAN, std=CLIP_STD, augment: bool = True,
+                      shuffle: bool = True, partial: bool | None = None, rank: int | None = None,
+                      world_size: int | None = None):
+    """Batches of (images float32 [B, 3, S, S], labels int64 [B, k]) for this rank; see the module docstring.
+
+    resampled=True: infinite, shards split by (rank, worker) stream and re-drawn each pass.
+    resampled=False: one exact pass (partial last batch kept unless partial=False).
+    k: labels per image (the first k columns of the label files); None = the files' k.
+    augment=False: EvalTransform (resize + center crop) instead of RandomResizedCrop + flip.
+    rank / world_size: default mlcd.dist.rank() / world_size().
+    The stream is a function of (urls, labels, seed, rank, world_size, num_workers, batch_size, settings)."""
+    if on_bad_labels not in ("error", "skip"):
+        raise ValueError(f"on_bad_labels must be 'error' or 'skip', got {on_bad_labels!r}")
+    urls = expand_urls(urls)
+    if not os.path.isdir(labels_dir):
+        raise FileNotFoundError(f"labels_dir {labels_dir} does not exist (run cluster.py, or set data.labels_dir)")
+    rank = dist.rank() if rank is None else int(rank)
+    world = dist.world_size() if world_size is None else int(world_size)
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in [0, {world})")
+    k = infer_k(labels_dir, urls) if k is None else int(k)
+    if augment:
+        transform = TrainTransform(image_size, scale, ratio, hflip, interpolation, mean, std)
+    else:
+        transform = EvalTransform(image_size, interpolation, mean, std)
+    if not resampled and len(urls) < world * max(num_workers, 1):
+        log.warning("%d shards for %d ranks x %d workers: some streams get no shard", len(urls), world,
+                    max(num_workers, 1))
+    stream = _TrainStream(urls, str(labels_dir), batch_size, k, seed, rank, world, num_workers, transform,
+                          shuffle_buffer, resampled, shuffle, on_bad_labels, (not resampled) if partial is None
+                          else partial)
+    return _Loader(stream, num_workers)
