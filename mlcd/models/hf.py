@@ -1,0 +1,249 @@
+"""Exact interop with Hugging Face `transformers`.
+
+RoPE2D models <-> `MLCDVisionModel` (model_type mlcd_vision_model, the released ViT-bigG/14 MLCD models);
+learned-position models <-> `CLIPVisionModel`, or `CLIPVisionModelWithProjection` when the model has a
+projection (the released B/32 and L/14-336 MLCD models are `clip_vision_model`s). A full `CLIPModel`
+directory (model_type clip, e.g. OpenAI CLIP) imports as its vision tower plus `visual_projection`.
+
+Exported weights use the `vision_model.` prefix of the released checkpoints (including its `pre_layrnorm`
+spelling), which transformers 4.x and 5.x both load; `visual_projection.weight` sits at the top level.
+"""
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from mlcd.models import build_model, model_config
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+ROPE_THETA = 10000.0
+_ACTS = ("gelu", "quick_gelu")
+# Checkpoint entries that carry no weights of the vision tower (a full CLIPModel, old buffers).
+_IGNORED_PREFIXES = ("text_model.", "text_projection.", "logit_scale")
+_IGNORED_SUFFIXES = ("position_ids", "inv_freq")
+
+
+# ----------------------------------------------------------------------------------------------- configs
+def to_hf_config(cfg):
+    """Our model config -> a transformers config (MLCDVisionConfig or CLIPVisionConfig) with `architectures`."""
+    from transformers import CLIPVisionConfig, MLCDVisionConfig
+    cfg = model_config(cfg)
+    common = dict(hidden_size=cfg["width"], intermediate_size=cfg["mlp_dim"], num_hidden_layers=cfg["layers"],
+                  num_attention_heads=cfg["heads"], num_channels=3, image_size=cfg["image_size"],
+                  patch_size=cfg["patch_size"], hidden_act=cfg["act"], layer_norm_eps=cfg["ln_eps"],
+                  attention_dropout=0.0)
+    if cfg["pos_embed"] == "rope2d":
+        hf = MLCDVisionConfig(**common, num_key_value_groups=1,
+                              rope_parameters={"rope_theta": ROPE_THETA, "rope_type": "axial"})
+        hf.architectures = ["MLCDVisionModel"]
+    else:
+        proj = cfg["embed_dim"]
+        hf = CLIPVisionConfig(**common, projection_dim=proj or cfg["width"])
+        hf.architectures = ["CLIPVisionModelWithProjection" if proj else "CLIPVisionModel"]
+    return hf
+
+
+def _square(value, what):
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ValueError(f"HF config {what}={value} is not square; our ViT needs a single int")
+        value = value[0]
+    return int(value)
+
+
+def from_hf_config(hf_config, with_projection: bool | None = None, name: str | None = None) -> dict:
+    """A transformers config (object or config.json dict) -> our model config dict.
+
+    with_projection: whether the checkpoint has `visual_projection.weight` (None: guess from `architectures`)."""
+    from transformers import AutoConfig
+    if isinstance(hf_config, dict):
+        d = dict(hf_config)
+        model_type = d.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("HF config has no model_type")
+        hf_config = AutoConfig.for_model(model_type, **d)
+    model_type = hf_config.model_type
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    if model_type == "clip":            # a full CLIP model: its vision tower and visual_projection
+        vc, projection_dim = hf_config.vision_config, hf_config.projection_dim
+        if with_projection is None:
+            with_projection = True
+    elif model_type in ("clip_vision_model", "mlcd_vision_model"):
+        vc, projection_dim = hf_config, getattr(hf_config, "projection_dim", None)
+        if with_projection is None:
+            with_projection = any("WithProjection" in a for a in archs)
+    else:
+        raise ValueError(f"unsupported HF model_type {model_type!r} (expected mlcd_vision_model, "
+                         "clip_vision_model or clip)")
+    act = vc.hidden_act
+    if act not in _ACTS:
+        raise ValueError(f"HF config hidden_act={act!r} is not supported (expected one of {_ACTS})")
+    if getattr(vc, "num_channels", 3) != 3:
+        raise ValueError(f"HF config num_channels={vc.num_channels}: only RGB (3) is supported")
+    cfg = dict(name=name or f"hf_{model_type}", image_size=_square(vc.image_size, "image_size"),
+               patch_size=_square(vc.patch_size, "patch_size"), width=vc.hidden_size,
+               layers=vc.num_hidden_layers, heads=vc.num_attention_heads, mlp_dim=vc.intermediate_size,
+               embed_dim=None, act=act, ln_eps=vc.layer_norm_eps)
+    if model_type == "mlcd_vision_model":
+        rope = dict(getattr(vc, "rope_parameters", None) or {})
+        theta = float(rope.get("rope_theta", ROPE_THETA))
+        if theta != ROPE_THETA or rope.get("rope_type", "axial") != "axial":
+            raise ValueError(f"HF MLCD rope_parameters={rope}: only axial rope, theta {ROPE_THETA} is supported")
+        if getattr(vc, "num_key_value_groups", 1) != 1:
+            raise ValueError(f"HF MLCD num_key_value_groups={vc.num_key_value_groups}: only 1 is supported")
+        cfg["pos_embed"] = "rope2d"
+        if with_projection:
+            raise ValueError("MLCDVisionModel has no projection head; with_projection must be False")
+    else:
+        cfg["pos_embed"] = "learned"
+        cfg["embed_dim"] = int(projection_dim) if with_projection else None
+    return model_config(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- weights
+def _hf_names(cfg) -> list[tuple[str, list[str]]]:
+    """(our key, [HF keys without the vision_model. prefix]); a fused qkv maps to three HF keys."""
+    names = [("conv1.weight", ["embeddings.patch_embedding.weight"]),
+             ("class_embedding", ["embeddings.class_embedding"])]
+    if cfg["pos_embed"] == "learned":
+        names.append(("positional_embedding", ["embeddings.position_embedding.weight"]))
+    else:
+        names.append(("class_pos_emb", ["class_pos_emb"]))
+    for wb in ("weight", "bias"):
+        names.append((f"ln_pre.{wb}", [f"pre_layrnorm.{wb}"]))
+        names.append((f"ln_post.{wb}", [f"post_layernorm.{wb}"]))
+    for i in range(cfg["layers"]):
+        ours, hf = f"blocks.{i}.", f"encoder.layers.{i}."
+        for wb in ("weight", "bias"):
+            names += [(f"{ours}ln_1.{wb}", [f"{hf}layer_norm1.{wb}"]),
+                      (f"{ours}ln_2.{wb}", [f"{hf}layer_norm2.{wb}"]),
+                      (f"{ours}attn.in_proj.{wb}", [f"{hf}self_attn.{q}_proj.{wb}" for q in "qkv"]),
+                      (f"{ours}attn.out_proj.{wb}", [f"{hf}self_attn.out_proj.{wb}"]),
+                      (f"{ours}mlp.fc1.{wb}", [f"{hf}mlp.fc1.{wb}"]),
+                      (f"{ours}mlp.fc2.{wb}", [f"{hf}mlp.fc2.{wb}"])]
+    return names
+
+
+def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """Our weights under the released checkpoints' names (`vision_model.` prefix, `visual_projection.weight`)."""
+    ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    out = {}
+    for key, hf_keys in _hf_names(model.cfg):
+        parts = ours.pop(key).chunk(len(hf_keys), dim=0)
+        for hf_key, part in zip(hf_keys, parts):
+            out["vision_model." + hf_key] = part.clone().contiguous()
+    proj = ours.pop("proj.weight", None)
+    if proj is not None and model.cfg["pos_embed"] == "learned":
+        out["visual_projection.weight"] = proj.clone().contiguous()
+    if ours:
+        raise RuntimeError(f"weights with no HF name: {sorted(ours)}")
+    return out
+
+
+def from_hf_state_dict(cfg, hf_state) -> dict[str, torch.Tensor]:
+    """HF weights (with or without the vision_model. prefix) -> our state dict; every entry must be used."""
+    hf = {}
+    for k, v in hf_state.items():
+        if k.startswith(_IGNORED_PREFIXES) or k.endswith(_IGNORED_SUFFIXES):
+            continue
+        hf[k.removeprefix("_orig_mod.").removeprefix("vision_model.")] = v
+    out, missing = {}, []
+    for key, hf_keys in _hf_names(cfg):
+        if any(h not in hf for h in hf_keys):
+            missing += [h for h in hf_keys if h not in hf]
+            continue
+        parts = [hf.pop(h) for h in hf_keys]
+        out[key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    if cfg["embed_dim"]:
+        if "visual_projection.weight" in hf:
+            out["proj.weight"] = hf.pop("visual_projection.weight")
+        else:
+            missing.append("visual_projection.weight")
+    if missing or hf:
+        more = lambda n: "..." if n > 8 else ""  # noqa: E731
+        raise ValueError(f"HF weights do not match the config: missing {missing[:8]}{more(len(missing))}, "
+                         f"unexpected {sorted(hf)[:8]}{more(len(hf))}")
+    return out
+
+
+def _read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
+    if single.exists():
+        return load_file(single)
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state = {}
+        for f in files:
+            state.update(load_file(hf_dir / f))
+        return state
+    raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+# ------------------------------------------------------------------------------------------ import/export
+def import_hf(hf_dir_or_model):
+    """Our ViT (fp32) from an HF directory (config.json + safetensors) or an instantiated transformers model."""
+    if isinstance(hf_dir_or_model, torch.nn.Module):
+        hf_config, state, name = hf_dir_or_model.config, hf_dir_or_model.state_dict(), None
+    else:
+        hf_dir = Path(hf_dir_or_model)
+        if not (hf_dir / "config.json").exists():
+            raise FileNotFoundError(f"{hf_dir}: no config.json (expected a transformers model directory)")
+        hf_config = json.loads((hf_dir / "config.json").read_text())
+        state, name = _read_safetensors(hf_dir), hf_dir.resolve().name
+    has_proj = "visual_projection.weight" in state
+    cfg = from_hf_config(hf_config, with_projection=has_proj, name=name)
+    model = build_model(cfg)
+    model.load_state_dict({k: v.float() for k, v in from_hf_state_dict(cfg, state).items()})
+    return model
+
+
+def image_processor(image_size: int):
+    """CLIP preprocessing: resize the shortest side (bicubic) then center crop to image_size, CLIP mean/std."""
+    from transformers import CLIPImageProcessor
+    return CLIPImageProcessor(do_resize=True, size={"shortest_edge": image_size}, resample=3,
+                              do_center_crop=True, crop_size={"height": image_size, "width": image_size},
+                              do_rescale=True, do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+                              do_convert_rgb=True)
+
+
+def export_hf(model, out_dir) -> Path:
+    """Write a directory `from_pretrained` loads: config.json, model.safetensors, preprocessor_config.json.
+    Written to a temp dir beside out_dir and renamed into place (an existing out_dir is replaced)."""
+    from safetensors.torch import save_file
+    cfg = model_config(model.cfg)
+    if cfg["pos_embed"] == "rope2d" and cfg["embed_dim"]:
+        warnings.warn("MLCDVisionModel has no projection head: the projection is not exported "
+                      "(pooler_output is our `pooled`, not our `embedding`)")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    hf_config = to_hf_config(cfg)
+    hf_config.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    hf_config.save_pretrained(tmp)
+    save_file(to_hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
+    image_processor(cfg["image_size"]).save_pretrained(tmp)
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out_dir)
+    return out_dir
+
+
+def load_hf_model(hf_dir):
+    """The transformers model an exported directory declares (config.json `architectures`)."""
+    import transformers
+    archs = json.loads((Path(hf_dir) / "config.json").read_text()).get("architectures") or []
+    known = ("MLCDVisionModel", "CLIPVisionModel", "CLIPVisionModelWithProjection")
+    if len(archs) != 1 or archs[0] not in known:
+        raise ValueError(f"{hf_dir}/config.json architectures={archs}: expected one of {known}")
+    return getattr(transformers, archs[0]).from_pretrained(hf_dir)
