@@ -1,6 +1,8 @@
 """Model zoo: one ViT class configured by data (configs/model/*.yaml), plus HF import/export (mlcd.models.hf)."""
 from collections.abc import Mapping
 
+from omegaconf import DictConfig, OmegaConf
+
 from mlcd.models.vit import ViTOutput, VisionTransformer
 
 REQUIRED = ("image_size", "patch_size", "width", "layers", "heads", "mlp_dim")
@@ -9,14 +11,10 @@ DEFAULTS = {"name": None, "embed_dim": None, "pos_embed": "learned", "act": "gel
 
 def model_config(cfg) -> dict:
     """A plain, complete model config dict from a dict or OmegaConf mapping; unknown or missing keys are errors."""
-    if not isinstance(cfg, Mapping) and not hasattr(cfg, "items"):
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(cfg, Mapping):
         raise TypeError(f"model config must be a mapping, got {type(cfg).__name__}")
-    try:
-        from omegaconf import DictConfig, OmegaConf
-        if isinstance(cfg, DictConfig):
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:
-        pass
     cfg = dict(cfg)
     missing = [k for k in REQUIRED if cfg.get(k) is None]
     unknown = sorted(set(cfg) - set(REQUIRED) - set(DEFAULTS))
