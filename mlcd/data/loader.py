@@ -52,7 +52,7 @@ log = logging.getLogger("mlcd.data")
 # Why a sample (or the rest of a shard) was skipped. Always all present in skip_counts(), so ranks can
 # all-reduce the same keys.
 REASONS = (
-    "truncated_tar",   # shard ended before the end-of-archive marker (counted per shard; its last sample dropped)
+    "truncated_tar",   # shard ended before the end-of-archive marker (per shard; a possibly incomplete sample dropped)
     "corrupt_tar",     # bad tar header checksum / unreadable stream (per shard; the rest of the shard is lost)
     "shard_error",     # shard could not be opened or read (per shard)
     "no_image",        # sample without a jpg/jpeg/png/webp member
@@ -108,9 +108,9 @@ def open_url(url: str):
 
 
 class TarError(Exception):
-    def __init__(self, reason: str, msg: str):
+    def __init__(self, reason: str, msg: str, name: str | None = None):
         super().__init__(msg)
-        self.reason = reason
+        self.reason, self.name = reason, name  # name: the member being read, when its header was intact
 
 
 def _read_exact(f, n: int) -> bytes:
@@ -164,7 +164,9 @@ def iter_tar(f):
         data = _read_exact(f, size)
         pad = (-size) % 512
         if len(data) < size or len(_read_exact(f, pad)) < pad:
-            raise TarError("truncated_tar", f"tar ends inside member data ({len(data)} of {size} bytes)")
+            name = next_name or hdr[0:100].rstrip(b"\0").decode("utf-8", "replace")
+            raise TarError("truncated_tar", f"tar ends inside member {name} ({len(data)} of {size} bytes)",
+                           name if kind in (b"0", b"\0", b"7") else None)
         if kind == b"x":
             next_name = _pax_path(data) or next_name
         elif kind == b"L":
@@ -203,7 +205,7 @@ class Counts(dict):
 
 def iter_samples(url: str, counts: Counts | None):
     """Samples {'__key__', '__url__', ext: bytes} of one shard in tar order; tar problems end the shard, counted."""
-    sample = None
+    sample, failed = None, False
     try:
         f = open_url(url)
     except Exception as e:  # noqa: BLE001 - a shard that cannot be opened mid-run is skipped and counted
@@ -225,14 +227,23 @@ def iter_samples(url: str, counts: Counts | None):
             sample[ext] = data
         if sample is not None:
             yield sample
-    except TarError as e:  # the sample being read when the tar broke may be incomplete: dropped
+    except TarError as e:
+        # the sample in progress is complete only if the broken member starts another key; else it is dropped
+        if sample is not None and e.name is not None and split_key(e.name)[0] != sample["__key__"]:
+            yield sample
+        failed = True
         if counts is not None:
             counts.add(e.reason, url, str(e))
     except (OSError, EOFError, ValueError) as e:  # gzip errors, pipe failures
+        failed = True
         if counts is not None:
             counts.add("shard_error", url, f"{type(e).__name__}: {e}")
     finally:
-        f.close()
+        try:
+            f.close()  # a `pipe:` command's non-zero exit status surfaces here
+        except Exception as e:  # noqa: BLE001
+            if counts is not None and not failed:
+                counts.add("shard_error", url, f"{type(e).__name__}: {e}")
 
 
 def decode_image(sample: dict):
@@ -270,10 +281,16 @@ class _Loader:
         dl = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                         pin_memory=torch.cuda.is_available(), persistent_workers=False,
                         generator=torch.Generator().manual_seed(0), **kw)  # keep torch's global RNG untouched
-        for *batch, wid, counts in dl:
-            self._live[wid] = counts
-            if batch[0] is not None:  # None: a stream's final counts, or a batch with no good sample
-                yield tuple(batch)
+        it = iter(dl)
+        try:
+            for *batch, wid, counts in it:
+                self._live[wid] = counts
+                if batch[0] is not None:  # None: a stream's final counts, or a batch with no good sample
+                    yield tuple(batch)
+        finally:  # stop workers now: left to the garbage collector after an error, shutdown waits 5 s per worker
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def skip_counts(self) -> dict:
         total = dict(self._done)
