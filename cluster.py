@@ -1,6 +1,6 @@
 """Cluster images into pseudo-classes: CLIP features -> spherical k-means -> top-k labels per image.
 
-    python cluster.py shards='d/{000000..000099}.tar' out_dir=out/cluster [stages=[extract,kmeans,assign]]
+    python cluster.py "shards='d/{000000..000099}.tar'" out_dir=out/cluster [stages=[extract,kmeans,assign]]
     torchrun --nproc_per_node=8 cluster.py ...
 Config: configs/cluster.yaml. Every stage skips finished work, so re-running resumes.
 """

@@ -8,7 +8,7 @@ fewer than k centers (too few in the probed cells) are redone exactly, so every 
 import faiss
 import numpy as np
 
-from mlcd.cluster.kmeans import flat_ip_index, search
+from mlcd.cluster.kmeans import flat_ip_index, search, to_gpu
 
 
 def build_index(centers: np.ndarray, method: str = "exact", nlist: int | None = None, nprobe: int = 32,
@@ -33,8 +33,7 @@ def build_index(centers: np.ndarray, method: str = "exact", nlist: int | None = 
     index.add(centers)
     index.nprobe = int(nprobe)
     if gpu:
-        res = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(res, int(device or 0), index)
+        index = to_gpu(index, device or 0)
         index.nprobe = int(nprobe)
     return index
 
@@ -115,7 +114,7 @@ def run(cfg, cfg_dict: dict, urls: list[str], device_id=None) -> None:
         index.nprobe = int(ac.nprobe)
         report.update(nlist=int(index.nlist), nprobe=int(ac.nprobe))
         if gpu:
-            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), int(device_id or 0), index)
+            index = to_gpu(index, device_id or 0)
             index.nprobe = int(ac.nprobe)
         if dist.is_main() and ac.recall_sample:
             x = sample_rows(out / "features", stems, int(ac.recall_sample), int(cfg.seed))
@@ -143,7 +142,8 @@ def run(cfg, cfg_dict: dict, urls: list[str], device_id=None) -> None:
         rows, fallback = rows + len(keys), fallback + missing
         bar.set_postfix(img_s=f"{rows / max(time.time() - t0, 1e-9):.0f}")
         shard_delay_hook()
-    totals = dist.all_reduce_sum(torch.tensor([rows, fallback], dtype=torch.float64))
+    dev = torch.device("cuda", device_id) if device_id is not None else torch.device("cpu")  # NCCL: CUDA tensors
+    totals = dist.all_reduce_sum(torch.tensor([rows, fallback], dtype=torch.float64, device=dev)).cpu()
     dist.barrier()
     if dist.is_main():
         counts = [len((labels_dir / f"{s}.keys.txt").read_text(encoding="utf-8").splitlines()) for s in stems]

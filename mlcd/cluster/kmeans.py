@@ -32,7 +32,15 @@ def flat_ip_index(d: int, gpu: bool, device=None):
         return index
     if device is None:
         return faiss.index_cpu_to_all_gpus(index)
-    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), int(device), index)
+    return to_gpu(index, device)
+
+
+def to_gpu(index, device):
+    """Move a CPU index to GPU `device`, keeping its GPU resources alive as long as the index."""
+    res = faiss.StandardGpuResources()
+    gpu_index = faiss.index_cpu_to_gpu(res, int(device), index)
+    gpu_index.referenced_objects = [res]
+    return gpu_index
 
 
 def search(index, x: np.ndarray, k: int, chunk_size: int = 65536):
