@@ -17,9 +17,11 @@ import io
 import json
 import os
 import re
+import struct
 import sys
 import tarfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +41,25 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+def png_from_array(a: np.ndarray) -> bytes:
+    """uint8 [H, W] or [H, W, 3] -> PNG (filter 0, zlib level 6). Several times faster than PIL's adaptive
+    filtering on small images (Fashion-MNIST: 70k of them), equally lossless."""
+    h, w = a.shape[:2]
+    rows = np.zeros((h, 1 + a[0].size), np.uint8)  # each row: filter byte 0, then the pixels
+    rows[:, 1:] = a.reshape(h, -1)
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0 if a.ndim == 2 else 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
+            + chunk(b"IEND", b""))
+
+
 def encode_image(img, image_format: str = "png", quality: int = 95) -> bytes:
     """PIL image or uint8 array ([H, W] gray or [H, W, 3] RGB) -> encoded bytes."""
     if isinstance(img, np.ndarray):
+        if image_format == "png" and img.dtype == np.uint8 and (img.ndim == 2 or img.shape[-1:] == (3,)):
+            return png_from_array(img)
         img = Image.fromarray(img)
     if image_format == "jpg" and img.mode not in ("RGB", "L"):
         img = img.convert("RGB")
@@ -75,10 +93,25 @@ def sanitize_key(relpath: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", stem.replace(os.sep, "/").replace("/", "__"))
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)  # fixed metadata: the same input gives byte-identical shards
-    info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
-    tar.addfile(info, io.BytesIO(data))
+def _member(name: str, data: bytes) -> bytes:
+    """One tar member (header + data + padding). Fixed metadata: the same input gives byte-identical shards.
+
+    Names up to 100 bytes get a plain ustar header written here (tarfile's is ~10x slower per member);
+    longer ones a PAX header from tarfile."""
+    raw = name.encode("utf-8")
+    if len(raw) <= 100:
+        h = bytearray(512)
+        h[0:len(raw)] = raw
+        h[100:108], h[108:116], h[116:124] = b"0000444\0", b"0000000\0", b"0000000\0"
+        h[124:136], h[136:148] = b"%011o\0" % len(data), b"00000000000\0"
+        h[148:156], h[156:157], h[257:265] = b" " * 8, b"0", b"ustar\x0000"
+        h[148:156] = b"%06o\0 " % sum(h)
+        header = bytes(h)
+    else:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
+        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    return header + data + b"\0" * (-len(data) % 512)
 
 
 class ShardWriter:
@@ -98,16 +131,16 @@ class ShardWriter:
             if p.exists():
                 p.unlink()
         self.shards, self.keys = [], set()
-        self._tar = self._file = None
+        self._file = None
 
     def _close_shard(self):
-        if self._tar is None:
+        if self._file is None:
             return
-        self._tar.close()
+        self._file.write(b"\0" * 1024)  # end-of-archive marker
         self._file.close()
         row = self.shards[-1]
         os.replace(self.out / (row["name"] + ".tmp"), self.out / row["name"])
-        self._tar = self._file = None
+        self._file = None
 
     def write(self, key: str, image_ext: str, image: bytes, txt: str | None = None, cls: int | None = None):
         if key in self.keys:
@@ -115,17 +148,16 @@ class ShardWriter:
         if "." in key or "\n" in key or not key:
             raise ValueError(f"invalid key {key!r}: no '.', no newline, not empty")
         self.keys.add(key)
-        if self._tar is None or self.shards[-1]["count"] >= self.max_per_shard:
+        if self._file is None or self.shards[-1]["count"] >= self.max_per_shard:
             self._close_shard()
             name = f"{self.prefix}-{len(self.shards):06d}.tar"
-            self._file = open(self.out / (name + ".tmp"), "wb")
-            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
+            self._file = open(self.out / (name + ".tmp"), "wb", buffering=1 << 20)
             self.shards.append({"name": name, "count": 0, "first_key": key, "last_key": key})
-        _add_member(self._tar, f"{key}.{image_ext}", image)
+        self._file.write(_member(f"{key}.{image_ext}", image))
         if txt is not None:
-            _add_member(self._tar, f"{key}.txt", txt.encode("utf-8"))
+            self._file.write(_member(f"{key}.txt", txt.encode("utf-8")))
         if cls is not None:
-            _add_member(self._tar, f"{key}.cls", str(int(cls)).encode())
+            self._file.write(_member(f"{key}.cls", str(int(cls)).encode()))
         row = self.shards[-1]
         row["count"] += 1
         row["last_key"] = key
