@@ -1,0 +1,22 @@
+"""Linear probe + kNN of a frozen backbone on local datasets (CLIP's protocol). See configs/eval_linear_probe.yaml.
+
+    python eval_linear_probe.py backbone.type=mlcd backbone.path=runs/demo datasets=[fashion_mnist]
+"""
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from mlcd.eval import evaluate
+
+
+@hydra.main(config_path="configs", config_name="eval_linear_probe", version_base=None)
+def main(cfg: DictConfig):
+    print(OmegaConf.to_yaml(cfg, resolve=True))
+    c = OmegaConf.to_container(cfg, resolve=True)
+    evaluate(c["backbone"], c["datasets"], feature=c["feature"], probe=c["probe"], knn=c["knn"],
+             datasets_root=c["datasets_root"], limit_train=c["limit_train"], limit_test=c["limit_test"],
+             seed=c["seed"], cache_dir=c["cache_dir"], out_dir=c["out_dir"], batch_size=c["batch_size"],
+             num_workers=c["num_workers"], device=c["device"], config=c)
+
+
+if __name__ == "__main__":
+    main()
