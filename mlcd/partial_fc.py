@@ -26,7 +26,7 @@ gradient is multiplied by W first: the backbone .grad after DDP's all-reduce equ
 exactly. Use ddp_average=False if the backbone gradients are SUMMED across ranks instead (e.g. a hand-written
 all-reduce without division).
 
-Update semantics (sparse): the sampled rows are read with F.embedding(sparse=True), so the shard's gradient is a
+Update semantics (sparse): the sampled rows are read (and L2-normalised) by `_NormalizedRows`, whose gradient is a
 sparse COO tensor whose rows are exactly the rows sampled since the last zero_grad (the union over gradient-
 accumulation micro-steps). `make_optimizer` returns `SparseRowAdamW`, which AdamW-updates only those rows, with a
 per-row step count for bias correction, and leaves every other row and its moments bit-identical: no weight decay
@@ -105,6 +105,38 @@ class _GatherRows(torch.autograd.Function):
         if ctx.grad_scale != 1:
             out.mul_(ctx.grad_scale)
         return out, None, None
+
+
+class _NormalizedRows(torch.autograd.Function):
+    """weight[index] / ||weight[index]|| (as F.normalize) with a sparse COO gradient over the `index` rows only.
+
+    One [k, D] copy is kept for backward (F.embedding + F.normalize keep two); `index` must be sorted and unique.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, index):
+        rows = weight.index_select(0, index)
+        inv = rows.norm(dim=1, keepdim=True).clamp_min_(1e-12).reciprocal_()
+        out = rows.mul_(inv)
+        ctx.save_for_backward(index, out, inv)
+        ctx.shape = weight.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        index, out, inv = ctx.saved_tensors
+        grad = torch.addcmul(grad, out, (grad * out).sum(1, keepdim=True), value=-1).mul_(inv)
+        return torch.sparse_coo_tensor(index[None], grad, ctx.shape, is_coalesced=True, check_invariants=False), None
+
+
+def _sparse_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, values) of a sparse row gradient with duplicate rows summed. One micro-step's gradient is already
+    sorted and unique (autograd just drops the flag when it stores it), so coalesce()'s sort is skipped then."""
+    rows = grad._indices()[0]
+    if grad.is_coalesced() or bool((rows[1:] > rows[:-1]).all()):
+        return rows, grad._values()
+    grad = grad.coalesce()
+    return grad.indices()[0], grad.values()
 
 
 def _gather_plain(x: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -194,7 +226,7 @@ class PartialFC(torch.nn.Module):
         index, pos_cols = self.sample(labels, step)
         self.last_index = index
 
-        centers = F.normalize(F.embedding(index, self.weight, sparse=True), dim=1)
+        centers = _NormalizedRows.apply(self.weight, index)
         embeddings = F.normalize(embeddings.float(), dim=1)
         use_bf16 = embeddings.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
@@ -211,7 +243,7 @@ class PartialFC(torch.nn.Module):
         g = self.weight.grad
         if g is None:
             return torch.zeros((), device=self.weight.device)
-        values = g.coalesce().values() if g.is_sparse else g
+        values = _sparse_rows(g)[1] if g.is_sparse else g
         return values.float().pow(2).sum()
 
     def get_extra_state(self) -> dict:
@@ -231,6 +263,8 @@ class SparseRowAdamW(torch.optim.Optimizer):
     correction, exactly torch.optim.AdamW's formula applied to each such row as if it had been stepped alone.
     Rows absent from the gradient, and their moments and step counts, are not touched. State (exp_avg, exp_avg_sq:
     [n, D]; row_step: int64 [n]) is allocated up front so a checkpoint always holds it."""
+
+    chunk_elems = 2**24  # rows are updated in chunks of this many elements: bounded temporaries at 1M x 512
 
     def __init__(self, weight: torch.Tensor, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
                  eps: float = 1e-8):
@@ -252,23 +286,23 @@ class SparseRowAdamW(torch.optim.Optimizer):
                     continue
                 if not p.grad.is_sparse:
                     raise TypeError("SparseRowAdamW expects the sparse row gradient produced by PartialFC.forward")
-                g = p.grad.coalesce()
-                rows, grad = g.indices()[0], g.values()
-                if rows.numel() == 0:
-                    continue
+                all_rows, all_grads = _sparse_rows(p.grad)
                 st = self.state[p]
-                t = st["row_step"][rows] + 1
-                st["row_step"][rows] = t
-                w = p[rows].mul_(1 - lr * wd)
-                m = st["exp_avg"][rows].lerp_(grad, 1 - beta1)
-                v = st["exp_avg_sq"][rows].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                t = t.double()[:, None]
-                step_size = (lr / (1 - beta1 ** t)).to(grad.dtype)
-                bc2_sqrt = (1 - beta2 ** t).sqrt().to(grad.dtype)
-                w.sub_(m / (v.sqrt() / bc2_sqrt).add_(eps) * step_size)
-                st["exp_avg"][rows] = m
-                st["exp_avg_sq"][rows] = v
-                p[rows] = w
+                chunk = max(1, self.chunk_elems // max(1, p.shape[1]))
+                for i in range(0, all_rows.numel(), chunk):
+                    rows, grad = all_rows[i:i + chunk], all_grads[i:i + chunk]
+                    t = st["row_step"][rows] + 1
+                    st["row_step"][rows] = t
+                    w = p[rows].mul_(1 - lr * wd)
+                    m = st["exp_avg"][rows].lerp_(grad, 1 - beta1)
+                    v = st["exp_avg_sq"][rows].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    t = t.double()[:, None]
+                    step_size = (lr / (1 - beta1 ** t)).to(grad.dtype)
+                    bc2_sqrt = (1 - beta2 ** t).sqrt().to(grad.dtype)
+                    w.sub_(m / (v.sqrt() / bc2_sqrt).add_(eps) * step_size)
+                    st["exp_avg"][rows] = m
+                    st["exp_avg_sq"][rows] = v
+                    p[rows] = w
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -3,7 +3,7 @@ things and writes what each rank saw to OUT/rank{r}.pt; the test compares it wit
 float64 reference. Inputs are built by `case_inputs`, which the test imports too.
 
 Cases: A (r = 1, four loss variants, DDP-wrapped linear backbone, uneven local batches and label widths),
-B (no positives on some ranks), C (r < 1 sampled), D (a few sparse-AdamW steps, then state dicts for reshard),
+B (no positives on some ranks), F (2 classes: at W = 3 one rank holds no class at all), C (r < 1 sampled), D (a few sparse-AdamW steps, then state dicts for reshard),
 E (an invalid label on one rank: every rank must raise, none may hang).
 """
 import sys
@@ -36,8 +36,8 @@ def local_rows(world: int, rank: int) -> slice:
     return slice(start, start + n)
 
 
-def make_pfc(inp, kind="mlcd", margin_type="arcface", ratio=1.0) -> PartialFC:
-    pfc = PartialFC(C, D, kind=kind, margin_type=margin_type, sample_ratio=ratio, seed=7)
+def make_pfc(inp, kind="mlcd", margin_type="arcface", ratio=1.0, num_classes=C) -> PartialFC:
+    pfc = PartialFC(num_classes, D, kind=kind, margin_type=margin_type, sample_ratio=ratio, seed=7)
     with torch.no_grad():
         pfc.weight.copy_(inp["centers"][pfc.start:pfc.start + pfc.n_local])
     return pfc
@@ -75,6 +75,7 @@ def main(out_dir: str):
         res[f"A/{kind}/{margin_type}"] = one_step(inp, make_pfc(inp, kind, margin_type), inp["labels"], rank, world,
                                                   extra_col=True)
     res["B"] = one_step(inp, make_pfc(inp), inp["labels_low"], rank, world)       # B: ranks >= 1 own no positive
+    res["F"] = one_step(inp, make_pfc(inp, num_classes=2), inp["labels_low"].clamp(max=1), rank, world)  # F
     res["C"] = one_step(inp, make_pfc(inp, ratio=0.5), inp["labels_low"], rank, world, step=5)   # C
 
     for ratio in (1.0, 0.5):                                                      # D

@@ -144,6 +144,7 @@ def test_sparse_adamw_untouched_rows_bit_identical_and_touched_rows_match_adamw(
     opt_kw = dict(lr=0.01, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
     pfc = _pfc(C, D, ratio=0.05, seed=1)
     opt = pfc.make_optimizer(**opt_kw)
+    opt.chunk_elems = 3 * D                                               # several row chunks per step
     w0 = pfc.weight.detach().clone()
     # reference: one torch.optim.AdamW per row, stepped only when that row was touched, with the same gradient
     rows_ref = [torch.nn.Parameter(w0[i].clone()) for i in range(C)]
@@ -159,6 +160,7 @@ def test_sparse_adamw_untouched_rows_bit_identical_and_touched_rows_match_adamw(
         grad = pfc.weight.grad.coalesce()
         assert set(grad.indices()[0].tolist()) == touched
         dense = grad.to_dense()
+        assert torch.allclose(pfc.grad_sq_norm(), dense.pow(2).sum())    # duplicates across micro-steps summed
         for i in touched:
             rows_ref[i].grad = dense[i].clone()
             opts_ref[i].step()
@@ -263,9 +265,9 @@ def dist_run(request, tmp_path_factory):
     return world, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-def _world1(inp, labels, kind="mlcd", margin_type="arcface", ratio=1.0, step=0):
+def _world1(inp, labels, kind="mlcd", margin_type="arcface", ratio=1.0, step=0, num_classes=worker.C):
     """The same step in this process at world size 1 (no process group)."""
-    pfc = worker.make_pfc(inp, kind, margin_type, ratio)
+    pfc = worker.make_pfc(inp, kind, margin_type, ratio, num_classes)
     lin = torch.nn.Linear(worker.DIN, worker.D)
     lin.weight.data.copy_(inp["lin_w"])
     lin.bias.data.copy_(inp["lin_b"])
@@ -317,6 +319,9 @@ def test_distributed_matches_world1_and_dense_reference(dist_run):
     # B: ranks >= 1 own no positive (classes 0..3 all live on rank 0), same collectives, same answer
     _compare(world, ranks, "B", _world1(inp, inp["labels_low"]))
     assert all(r["B"]["start"] >= 4 for r in ranks[1:])
+    # F: 2 classes; at W = 3 the last rank holds none and still takes part in every collective
+    _compare(world, ranks, "F", _world1(inp, inp["labels_low"].clamp(max=1), num_classes=2))
+    assert world == 2 or ranks[-1]["F"]["center_grad"].shape[0] == 0
 
 
 @pytest.mark.slow
