@@ -89,7 +89,8 @@ def _all_reduce(t: torch.Tensor, op, distributed: bool) -> torch.Tensor:
 
 
 class _MarginLSE(torch.autograd.Function):
-    """The loss from this rank's cosine slice; see the module docstring. Saves one [B, n] fp32 buffer for backward."""
+    """The loss from this rank's cosine slice; see the module docstring. Saves one [B, n] fp32 buffer for backward
+    and turns it into the gradient in place, so the graph supports a single backward (no retain_graph reuse)."""
 
     @staticmethod
     def forward(ctx, cos, pos_cols, valid, kind, scale, m, margin_type, distributed):
@@ -108,7 +109,6 @@ class _MarginLSE(torch.autograd.Function):
         buf[:, n] = -math.inf
         if kind == "single":                                            # the target column holds its margined logit
             buf.scatter_(1, col, torch.where(has, z_pos, neg_inf))
-            buf[:, n] = -math.inf
             zp = torch.zeros_like(z_pos)
         else:                                                           # own positives leave the negative term
             buf.scatter_(1, col, neg_inf)
