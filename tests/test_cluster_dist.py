@@ -130,10 +130,10 @@ def test_sigkill_and_resume_is_byte_identical(reference):
     tmp, ref = reference
     out = tmp / "killed"
     cmd = [sys.executable, "cluster.py", *args(tmp, out)]
-    run_and_kill(cmd, env(delay=1.0), out / "features", "*.keys.txt", tmp / "kill1.log")  # mid-extract
+    run_and_kill(cmd, env(delay=0.5), out / "features", "*.keys.txt", tmp / "kill1.log")  # mid-extract
     done = len(list((out / "features").glob("*.keys.txt")))
     assert 1 <= done < N_SHARDS and not (out / "centers.npy").exists()
-    run_and_kill(cmd, env(delay=1.0), out / "labels", "*.keys.txt", tmp / "kill2.log")  # mid-assign
+    run_and_kill(cmd, env(delay=0.5), out / "labels", "*.keys.txt", tmp / "kill2.log")  # mid-assign
     done = len(list((out / "labels").glob("*.keys.txt")))
     assert 1 <= done < N_SHARDS
     run(cmd, env(), tmp / "resume.log")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from mlcd import dist
 from mlcd.cluster.files import check_same, has_features, load_json, save_json, shard_delay_hook, versions, write_features
+from mlcd.cluster.report import update_manifest
 from mlcd.data.labels import shard_stem
 
 log = logging.getLogger(__name__)
@@ -147,4 +148,6 @@ def run(cfg, cfg_dict: dict, urls: list[str], device) -> None:
         save_json(man_path, {"settings": settings, "complete": True, "config": cfg_dict, "versions": versions(),
                              "shards": len(stems), "rows": rows, "dim": dim, "skipped": skipped,
                              "dtype": "float16", "normalized": True})
+        update_manifest(cfg.out_dir, cfg_dict, "extract", {"features_dir": str(fdir), "rows": rows, "dim": dim,
+                                                           "shards": len(stems), "skipped": skipped})
         print(f"extract: {rows} images in {len(stems)} shards, d={dim}, skipped {skipped} -> {fdir}")
