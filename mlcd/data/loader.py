@@ -264,6 +264,14 @@ def _worker():
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
+def _stack(tensors: list) -> torch.Tensor:
+    """torch.stack; in a worker straight into shared memory, saving the copy the trip to the main process makes."""
+    if get_worker_info() is None:
+        return torch.stack(tensors)
+    out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype).share_memory_()
+    return torch.stack(tensors, out=out)
+
+
 class _Loader:
     """Iterates a DataLoader over a stream dataset; strips and aggregates the per-worker skip counts."""
 
@@ -315,7 +323,7 @@ class _ExtractStream(IterableDataset):
                 continue
             images.append(self.transform(img))
             keys.append(s["__key__"])
-        return (torch.stack(images) if images else None), keys
+        return (_stack(images) if images else None), keys
 
     def __iter__(self):
         wid, nw = _worker()
@@ -473,7 +481,7 @@ class _TrainStream(IterableDataset):
                                        f"(skip counts {dict(counts)}); check the shards and {self.labels_dir}")
 
     def _batch(self, images, labels, wid, counts):
-        return torch.stack(images), torch.from_numpy(np.stack(labels)), wid, dict(counts)
+        return _stack(images), torch.from_numpy(np.stack(labels)), wid, dict(counts)
 
     def __iter__(self):
         wid, nw = _worker()

@@ -23,10 +23,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def to_normalized_tensor(img: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """RGB PIL image -> float32 [3, H, W], (x / 255 - mean) / std."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return x.sub_(m).div_(s)
+    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float()
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)], dtype=torch.float32).view(3, 1, 1)
+    return x.mul_(scale).sub_(shift)
 
 
 def crop_params(width: int, height: int, scale, ratio, rng: random.Random):
