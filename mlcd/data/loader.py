@@ -54,7 +54,7 @@ log = logging.getLogger("mlcd.data")
 REASONS = (
     "truncated_tar",   # shard ended before the end-of-archive marker (per shard; a possibly incomplete sample dropped)
     "corrupt_tar",     # bad tar header checksum / unreadable stream (per shard; the rest of the shard is lost)
-    "shard_error",     # shard could not be opened or read (per shard)
+    "shard_error",     # shard could not be opened or read, or was empty (per shard)
     "no_image",        # sample without a jpg/jpeg/png/webp member
     "bad_image",       # image bytes PIL cannot decode
     "missing_labels",  # on_bad_labels='skip': no labels for this key / shard
@@ -148,9 +148,12 @@ def iter_tar(f):
 
     Raises TarError('truncated_tar') when the stream ends before the end-of-archive block and
     TarError('corrupt_tar') on a header whose checksum does not match."""
-    next_name = None
+    next_name, first = None, True
     while True:
         hdr = _read_exact(f, 512)
+        if first and not hdr:
+            raise TarError("shard_error", "empty stream (0 bytes): a failed download or pipe command?")
+        first = False
         if len(hdr) < 512:
             raise TarError("truncated_tar", f"tar ends inside a header or without an end marker ({len(hdr)} bytes)")
         if hdr.count(0) == 512:
@@ -213,8 +216,8 @@ def iter_samples(url: str, counts: Counts | None):
             counts.add("shard_error", url, f"{type(e).__name__}: {e}")
         return
     try:
-        head = f.peek(2)[:2] if hasattr(f, "peek") else b""
-        stream = gzip.GzipFile(fileobj=f) if head == b"\x1f\x8b" else f
+        gz = url.endswith((".gz", ".tgz")) or (hasattr(f, "peek") and f.peek(2)[:2] == b"\x1f\x8b")
+        stream = gzip.GzipFile(fileobj=f) if gz else f
         for name, data in iter_tar(stream):
             if name.rsplit("/", 1)[-1].startswith("."):
                 continue
