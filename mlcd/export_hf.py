@@ -28,10 +28,13 @@ def main(argv=None):
         hf = load_hf_model(args.out_dir).eval()
         pixels = torch.randn(2, 3, model.image_size, model.image_size)
         with torch.no_grad():
-            ours = model(pixels).pooled
-            theirs = hf(pixel_values=pixels).pooler_output
-        err = (ours - theirs).abs().max().item()
-        print(f"verified with transformers {type(hf).__name__}.from_pretrained: max |pooled difference| = {err:.2e}")
+            ours, theirs = model(pixels), hf(pixel_values=pixels)
+        # CLIPVisionModelWithProjection returns the projected embedding; the others the pooled class token.
+        if getattr(theirs, "image_embeds", None) is not None:
+            what, err = "embedding", (ours.embedding - theirs.image_embeds).abs().max().item()
+        else:
+            what, err = "pooled", (ours.pooled - theirs.pooler_output).abs().max().item()
+        print(f"verified with transformers {type(hf).__name__}.from_pretrained: max |{what} difference| = {err:.2e}")
         if err > 1e-4:
             raise SystemExit(f"export check failed: pooled outputs differ by {err:.2e}")
 

@@ -65,7 +65,7 @@ class MetricsLog:
         if not dist.is_main():
             return
         if self.path.exists():
-            rows = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) < resume_step]
+            rows = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
             self.path.write_text("".join(r + "\n" for r in rows))
         mode = cfg.logging.wandb.mode
         if mode != "disabled":
@@ -97,7 +97,8 @@ def make_loader(cfg, segment_start: int, per_rank_batch: int, image_size: int):
     return make_train_loader(
         d.train_shards, d.labels_dir, batch_size=per_rank_batch, num_workers=d.num_workers,
         image_size=image_size, seed=derive_seed(cfg.seed, "data", segment_start), k=d.get("num_labels"),
-        shuffle_buffer=d.shuffle_buffer, on_bad_labels=d.on_bad_labels, scale=tuple(d.crop_scale))
+        shuffle_buffer=d.shuffle_buffer, on_bad_labels=d.on_bad_labels, resampled=d.resampled,
+        scale=tuple(d.crop_scale), ratio=tuple(d.crop_ratio), hflip=d.hflip, interpolation=d.interpolation)
 
 
 def global_grad_norm(backbone: torch.nn.Module, pfc) -> torch.Tensor:

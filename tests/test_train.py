@@ -1,0 +1,260 @@
+"""The trainer end to end under real torchrun (gloo, CPU): loss falls, kill -9 + resume is bitwise exact,
+resume at another world size re-shards the centers, accumulation matches the big batch, export loads."""
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from safetensors.torch import load_file
+
+from mlcd.data import fashion_mnist
+from mlcd.data.labels import write_shard_labels
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 23  # not divisible by 2 or 3: exercises uneven center shards
+
+
+def _write_dataset(out: Path, n_shards=4, per_shard=64):
+    """Real Fashion-MNIST images in shards, with 2 labels each: the class and a class-derived second id."""
+    images, classes = fashion_mnist.load("train")
+    shard_dir, labels_dir = out / "shards", out / "labels"
+    shard_dir.mkdir(parents=True)
+    i = 0
+    for s in range(n_shards):
+        keys, labels = [], []
+        with wds.TarWriter(str(shard_dir / f"train-{s:06d}.tar")) as sink:
+            for _ in range(per_shard):
+                buf = io.BytesIO()
+                Image.fromarray(images[i]).save(buf, format="PNG")
+                key = f"fm-{i:07d}"
+                sink.write({"__key__": key, "png": buf.getvalue()})
+                keys.append(key)
+                c = int(classes[i])
+                labels.append([c, 10 + (c * 7) % 13])
+                i += 1
+        write_shard_labels(labels_dir, f"train-{s:06d}", keys, np.array(labels, np.int32),
+                           np.ones((per_shard, 2), np.float32))
+    (labels_dir / "manifest.json").write_text(json.dumps({"num_classes": NUM_CLASSES}))
+    return f"{shard_dir}/train-{{000000..{n_shards - 1:06d}}}.tar", str(labels_dir)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return _write_dataset(tmp_path_factory.mktemp("train_data"))
+
+
+def _overrides(dataset, out_dir, **extra):
+    shards, labels_dir = dataset
+    args = {
+        "model": "vit_tiny", "model.image_size": 28, "model.patch_size": 7, "model.width": 32,
+        "model.layers": 2, "model.heads": 2, "model.mlp_dim": 64, "model.embed_dim": 16,
+        "data.train_shards": shards, "data.labels_dir": labels_dir, "data.num_workers": 0,
+        "data.shuffle_buffer": 32, "out_dir": str(out_dir), "seed": 3,
+        "train.global_batch_size": 16, "train.total_steps": 12, "train.ckpt_every": 4,
+        "train.log_every": 2, "train.keep_last": 5, "train.progress_bar": False, "train.deterministic": True,
+        "optim.lr": 2e-3, "optim.warmup_steps": 2, "loss.sample_ratio": 0.5, "logging.wandb.mode": "disabled",
+    }
+    args.update(extra)
+    # brace patterns must be quoted for hydra's override grammar
+    return [f"{k}='{v}'" if isinstance(v, str) and "{" in v else f"{k}={v}" for k, v in args.items()]
+
+
+def _torchrun(nproc, overrides, timeout=240, wait=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "train.py"), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _final_state(run_dir: Path, step: int):
+    ckpt = run_dir / "checkpoints" / f"step-{step:08d}"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    backbone = load_file(str(ckpt / "backbone.safetensors"))
+    shards = [torch.load(ckpt / f"centers-rank{r:05d}.pt", weights_only=False)
+              for r in range(manifest["world_size"])]
+    return manifest, backbone, shards
+
+
+def _full_centers(shards):
+    return torch.cat([s["shard"]["weight"] for s in shards])
+
+
+@pytest.fixture(scope="module")
+def reference_run(dataset, tmp_path_factory):
+    """An uninterrupted 2-rank run; other tests compare against it."""
+    out = tmp_path_factory.mktemp("ref_run")
+    _torchrun(2, _overrides(dataset, out))
+    return out
+
+
+def test_two_rank_run_loss_falls(reference_run):
+    rows = [json.loads(l) for l in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(2, 13, 2))
+    losses = [r["loss"] for r in rows]
+    assert all(np.isfinite(losses))
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert all(r["nonfinite_skipped"] == 0 for r in rows)
+    ckpts = sorted(p.name for p in (reference_run / "checkpoints").iterdir())
+    assert ckpts == ["step-00000004", "step-00000008", "step-00000012"]
+    manifest = json.loads((reference_run / "checkpoints/step-00000012/manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["num_classes"] == NUM_CLASSES
+    assert manifest["samples_seen"] == 12 * 16
+
+
+def test_kill9_then_resume_is_bitwise_exact(dataset, reference_run, tmp_path):
+    proc = _torchrun(2, _overrides(dataset, tmp_path), wait=False)
+    ckpt_root = tmp_path / "checkpoints"
+    deadline = time.time() + 180
+    while not (ckpt_root / "step-00000004").exists():  # kill once the first checkpoint landed (mid-run)
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-3000:]
+        time.sleep(0.05)
+    time.sleep(np.random.default_rng().uniform(0, 1.0))  # somewhere in steps 5..8
+    # torchrun starts its workers in their own sessions: kill -9 every process of this run by its out_dir
+    subprocess.run(["pkill", "-9", "-f", str(tmp_path)], check=False)
+    proc.wait()
+    while subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True).returncode == 0:
+        time.sleep(0.05)
+    done = sorted(p.name for p in ckpt_root.iterdir() if p.name.startswith("step-"))
+    assert "step-00000012" not in done, "the run finished before the kill; nothing was tested"
+    _torchrun(2, _overrides(dataset, tmp_path, **{"train.resume": "auto"}))
+    m_ref, bb_ref, sh_ref = _final_state(reference_run, 12)
+    m_new, bb_new, sh_new = _final_state(tmp_path, 12)
+    assert bb_ref.keys() == bb_new.keys()
+    for k in bb_ref:
+        assert torch.equal(bb_ref[k], bb_new[k]), k
+    assert torch.equal(_full_centers(sh_ref), _full_centers(sh_new))
+    # metrics.jsonl has each step once even though steps after the checkpoint ran twice
+    steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(2, 13, 2))
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_resume_at_other_world_size_reshards(dataset, reference_run, tmp_path, new_world):
+    from mlcd.partial_fc import reshard
+    from mlcd.train import checkpoint
+
+    src = reference_run / "checkpoints" / "step-00000008"
+    saved = checkpoint.load_center_states(src, 2)
+    moved = reshard(saved, new_world)
+    assert len(moved) == new_world
+    sizes = [s["shard"]["weight"].shape[0] for s in moved]
+    assert sum(sizes) == NUM_CLASSES and max(sizes) - min(sizes) <= 1
+    assert torch.equal(_full_centers(saved), _full_centers(moved))
+    for name in ("exp_avg", "exp_avg_sq"):
+        def full(states):
+            return torch.cat([s["optim"]["state"][0][name] for s in states])
+        assert torch.equal(full(saved), full(moved)), name
+
+    # and a real run continues from it at the new world size
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    os.symlink(src, run / "checkpoints" / src.name)
+    _torchrun(new_world, _overrides(dataset, run, **{"train.resume": "auto", "train.total_steps": 10,
+                                                    "train.ckpt_every": 2, "train.global_batch_size": 18}))
+    manifest, _, shards = _final_state(run, 10)
+    assert manifest["world_size"] == new_world and len(shards) == new_world
+    assert _full_centers(shards).shape == (NUM_CLASSES, 16)
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 10 and np.isfinite(rows[-1]["loss"])
+
+
+# ---- in-process (world size 1) checks of the step function ------------------------------------------
+
+def _compose(dataset, out_dir, **extra):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "configs"), version_base=None):
+        return compose("train", overrides=_overrides(dataset, out_dir, **extra))
+
+
+def _run_inprocess(cfg):
+    from mlcd.train.loop import train
+
+    torch.set_num_threads(1)
+    return train(cfg)
+
+
+def test_grad_accumulation_matches_big_batch(dataset, tmp_path):
+    """2 micro-batches of 8 give the same update as 1 batch of 16 (r = 1: no sampling difference)."""
+    common = {"train.total_steps": 1, "train.ckpt_every": 1, "loss.sample_ratio": 1.0, "train.deterministic": False}
+    _run_inprocess(_compose(dataset, tmp_path / "a", **common, **{"train.grad_accum": 1}))
+    _run_inprocess(_compose(dataset, tmp_path / "b", **common, **{"train.grad_accum": 2}))
+    _, bb_a, sh_a = _final_state(tmp_path / "a", 1)
+    _, bb_b, sh_b = _final_state(tmp_path / "b", 1)
+    torch.manual_seed(3)  # the initial weights, to compare updates rather than weights
+    from mlcd.models import build_model
+    init = build_model(_compose(dataset, tmp_path / "c").model).state_dict()
+    worst = 0.0
+    for k in bb_a:
+        da, db = bb_a[k] - init[k], bb_b[k] - init[k]
+        worst = max(worst, ((da - db).abs().max() / da.abs().max().clamp_min(1e-12)).item())
+    assert worst < 1e-3, worst  # relative to the update size; AdamW's first step is ~lr*sign(g)
+    assert torch.allclose(_full_centers(sh_a), _full_centers(sh_b), atol=1e-6)
+
+
+def test_nonfinite_loss_skips_step_and_aborts_after_n_in_a_row(dataset, tmp_path, monkeypatch):
+    import mlcd.train.loop as loop
+
+    real_build = loop.build_partial_fc
+    bad_steps = {2, 3}
+
+    def poisoned(*args, **kwargs):
+        pfc = real_build(*args, **kwargs)
+        forward = pfc.forward
+
+        def forward_with_nan(emb, labels, step):
+            loss = forward(emb, labels, step)
+            return loss * float("nan") if step in bad_steps else loss
+        pfc.forward = forward_with_nan
+        return pfc
+
+    monkeypatch.setattr(loop, "build_partial_fc", poisoned)
+    _run_inprocess(_compose(dataset, tmp_path / "skip", **{"train.total_steps": 6, "train.log_every": 1}))
+    rows = [json.loads(l) for l in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_skipped"] for r in rows] == [0, 0, 1, 2, 2, 2]
+    assert np.isfinite(rows[-1]["loss"])
+    with pytest.raises(RuntimeError, match="non-finite"):
+        _run_inprocess(_compose(dataset, tmp_path / "abort", **{"train.total_steps": 6,
+                                                              "train.max_nonfinite_in_row": 2}))
+
+
+def test_checkpoint_mismatch_is_an_error_naming_the_field(dataset, reference_run, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    src = reference_run / "checkpoints" / "step-00000012"
+    os.symlink(src, run / "checkpoints" / src.name)
+    with pytest.raises(ValueError, match="num_classes is 23 in the checkpoint but 30 in the config"):
+        _run_inprocess(_compose(dataset, run, num_classes=30, **{"train.total_steps": 14}))
+    with pytest.raises(ValueError, match="model"):
+        _run_inprocess(_compose(dataset, run, **{"model.layers": 3, "train.total_steps": 14}))
+
+
+def test_export_hf_of_trained_checkpoint_loads_in_transformers(reference_run, tmp_path):
+    from transformers import CLIPVisionModelWithProjection
+
+    from mlcd.train.checkpoint import load_backbone
+
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "mlcd.export_hf", str(reference_run), str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, _ = load_backbone(reference_run)
+    hf = CLIPVisionModelWithProjection.from_pretrained(out).eval()
+    pixels = torch.randn(3, 3, 28, 28)
+    with torch.no_grad():
+        a, b = ours(pixels), hf(pixel_values=pixels)
+    assert torch.allclose(a.embedding, b.image_embeds, atol=1e-5)
+    assert torch.allclose(a.last_hidden_state, b.last_hidden_state, atol=1e-5)
