@@ -184,6 +184,7 @@ def _manifest_keys(out, m):
     return keys
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on a 2-core machine, on purpose
 @pytest.mark.parametrize("num_workers", [0, 3])
 def test_extract_loader_order_is_shard_then_tar_order(fm_shards, num_workers):
     out, m = fm_shards
@@ -276,6 +277,17 @@ def test_two_ranks_two_workers_partition_the_shards(labelled):
                 for r in range(2)]
     assert sorted(per_rank[0] + per_rank[1]) == list(range(N_IMG))
     assert len(per_rank[0]) == len(per_rank[1]) == N_IMG // 2  # 8 shards of 5 over 2 x 2 streams
+
+
+def test_resampled_streams_read_disjoint_shards_per_pass(labelled):
+    """8 shards over 2 ranks x 2 workers: each stream cycles its own 2 shards (10 samples); one pass of every
+    stream (first 4 batches of 5 per rank, workers interleaved) covers the data exactly once."""
+    urls, labels_dir = labelled
+    ids = []
+    for r in range(2):
+        ids += _run(make_train_loader(urls, labels_dir, 5, 2, 8, seed=4, shuffle=False, rank=r, world_size=2),
+                    n_batches=4)[0]
+    assert sorted(ids) == list(range(N_IMG))
 
 
 _DIST_SCRIPT = """
