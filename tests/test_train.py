@@ -31,6 +31,10 @@ def _write_dataset(out: Path, n_shards=4, per_shard=64):
     for s in range(n_shards):
         keys, labels = [], []
         with wds.TarWriter(str(shard_dir / f"train-{s:06d}.tar")) as sink:
+            # a corrupt image first in every shard: skipped by the loader, counted in the trainer's log
+            sink.write({"__key__": f"corrupt-{s}", "png": b"not a png"})
+            keys.append(f"corrupt-{s}")
+            labels.append([0, 10])
             for _ in range(per_shard):
                 buf = io.BytesIO()
                 Image.fromarray(images[i]).save(buf, format="PNG")
@@ -41,7 +45,7 @@ def _write_dataset(out: Path, n_shards=4, per_shard=64):
                 labels.append([c, 10 + (c * 7) % 13])
                 i += 1
         write_shard_labels(labels_dir, f"train-{s:06d}", keys, np.array(labels, np.int32),
-                           np.ones((per_shard, 2), np.float32))
+                           np.ones((len(keys), 2), np.float32))
     (labels_dir / "manifest.json").write_text(json.dumps({"num_classes": NUM_CLASSES}))
     return f"{shard_dir}/train-{{000000..{n_shards - 1:06d}}}.tar", str(labels_dir)
 
@@ -107,6 +111,9 @@ def test_two_rank_run_loss_falls(reference_run):
     assert all(np.isfinite(losses))
     assert losses[-1] < losses[0] - 0.5, losses
     assert all(r["nonfinite_skipped"] == 0 for r in rows)
+    bad = [r["skipped/bad_image"] for r in rows]  # the corrupt sample, counted over both ranks and all segments
+    assert bad[-1] >= 1 and bad == sorted(bad), bad
+    assert all(r["skipped/no_image"] == 0 for r in rows)
     ckpts = sorted(p.name for p in (reference_run / "checkpoints").iterdir())
     assert ckpts == ["step-00000004", "step-00000008", "step-00000012"]
     manifest = json.loads((reference_run / "checkpoints/step-00000012/manifest.json").read_text())

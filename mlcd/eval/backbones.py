@@ -102,9 +102,14 @@ def _open_clip(cfg, feature):
     if pretrained in (None, "", "none"):
         warnings.warn(f"open_clip backbone {cfg['name']} has no pretrained weights: probing a RANDOM init")
         pretrained = None
-    model, _, preprocess = open_clip.create_model_and_transforms(cfg["name"], pretrained=pretrained)
+    # Seeded like cluster.py's extract stage, so a random-init model here is the one that made the clusters.
+    torch.manual_seed(int(cfg.get("seed") or 0))
+    model, _, preprocess = open_clip.create_model_and_transforms(cfg["name"], pretrained=pretrained,
+                                                                 force_image_size=cfg.get("image_size"))
     visual = model.visual.eval()
-    ident = {"name": cfg["name"], "pretrained": pretrained}
+    ident = {"name": cfg["name"], "pretrained": pretrained, "image_size": cfg.get("image_size")}
+    if pretrained is None:
+        ident["seed"] = int(cfg.get("seed") or 0)
     if pretrained and os.path.exists(pretrained):
         ident["pretrained_sig"] = path_signature(pretrained)
     is_vit = all(hasattr(visual, a) for a in ("_embeds", "transformer", "_pool"))

@@ -101,6 +101,13 @@ def make_loader(cfg, segment_start: int, per_rank_batch: int, image_size: int):
         scale=tuple(d.crop_scale), ratio=tuple(d.crop_ratio), hflip=d.hflip, interpolation=d.interpolation)
 
 
+def skipped_total(before: dict, loader) -> dict:
+    """Samples skipped since training began, summed over ranks (a collective; the keys are fixed)."""
+    mine = {k: before.get(k, 0) + v for k, v in sorted(loader.skip_counts().items())}
+    summed = dist.all_reduce_sum(torch.tensor(list(mine.values()), dtype=torch.float64))
+    return {k: int(v) for k, v in zip(mine, summed.tolist())}
+
+
 def global_grad_norm(backbone: torch.nn.Module, pfc) -> torch.Tensor:
     """||g|| over the backbone (already identical on all ranks after DDP) and ALL center shards."""
     sq = torch.zeros((), dtype=torch.float32, device=next(pfc.parameters()).device)
@@ -184,9 +191,13 @@ def train(cfg) -> dict:
     bar = tqdm(total=t.total_steps, initial=start_step, disable=not dist.is_main() or not t.progress_bar,
                desc="train", dynamic_ncols=True)
     loader_it, nonfinite_in_row, window_t, window_steps = None, 0, time.time(), 0
+    # samples the loader skipped in earlier data segments: this rank's own, plus (rank 0) the resumed total
+    skipped_before = dict(counters.get("skipped", {})) if dist.is_main() else {}
     loss_value = float("nan")
     for step in range(start_step, t.total_steps):
         if loader_it is None or step % t.ckpt_every == 0:  # a new data segment (see module docstring)
+            if loader_it is not None:
+                skipped_before = {k: skipped_before.get(k, 0) + v for k, v in loader.skip_counts().items()}
             loader = make_loader(cfg, step, per_rank_batch, model.image_size)
             loader_it = iter(loader)
         lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, t.total_steps, cfg.optim.min_lr_ratio)
@@ -230,8 +241,7 @@ def train(cfg) -> dict:
 
         if (step + 1) % t.log_every == 0 or step + 1 == t.total_steps:
             elapsed = time.time() - window_t
-            skipped = {k: int(dist.all_reduce_sum(torch.tensor(float(v))).item())
-                       for k, v in sorted(loader.skip_counts().items())}
+            skipped = skipped_total(skipped_before, loader)
             row = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
                    "images_per_s": window_steps * t.global_batch_size / max(elapsed, 1e-9),
                    "samples_seen": (step + 1) * t.global_batch_size, "peak_mem_mb": _peak_memory_mb(device),
@@ -245,6 +255,7 @@ def train(cfg) -> dict:
             window_t, window_steps = time.time(), 0
 
         if (step + 1) % t.ckpt_every == 0 or step + 1 == t.total_steps:
+            counters["skipped"] = skipped_total(skipped_before, loader)
             save(step + 1)
     bar.close()
     metrics.close()
