@@ -9,7 +9,6 @@
     OUT/centers.npy  OUT/kmeans_report.json  OUT/cluster_sizes.png
     OUT/labels/  (mlcd.data.labels format)  + manifest.json, assign_report.json
 """
-import glob
 import hashlib
 import importlib.metadata
 import json
@@ -23,22 +22,12 @@ from mlcd.data.labels import shard_stem
 
 
 def expand_shards(spec) -> list[str]:
-    """A list, a brace pattern ('d/s-{000..009}.tar') or a glob ('d/*.tar') -> list of urls."""
+    """A list, a brace pattern ('d/s-{000..009}.tar') or a glob ('d/*.tar') -> list of urls (unique names)."""
+    from mlcd.data.loader import expand_urls
+
     if spec is None:
         raise ValueError("cluster: `shards` is not set (brace pattern, glob, or list of tar files)")
-    if isinstance(spec, str):
-        spec = [spec]
-    from braceexpand import braceexpand
-    urls = []
-    for item in spec:
-        for u in braceexpand(str(item)):
-            if not u.startswith("pipe:") and any(c in u for c in "*?["):
-                hits = sorted(glob.glob(u))
-                if not hits:
-                    raise FileNotFoundError(f"cluster: shards glob {u!r} matches no file")
-                urls.extend(hits)
-            else:
-                urls.append(u)
+    urls = expand_urls(spec)
     stems = [shard_stem(u) for u in urls]
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup:

@@ -142,7 +142,8 @@ def load_backbone(ckpt_dir):
     if not (path / MANIFEST).exists():
         found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
         if not found:
-            raise FileNotFoundError(f"{ckpt_dir}: neither a checkpoint nor a run dir with checkpoints/step-*")
+            raise FileNotFoundError(f"{ckpt_dir}: neither a checkpoint nor a run dir with checkpoints/step-* "
+                                    "(train one with train.py, or run `make demo` for the default runs/demo)")
         path = found[-1]
     manifest = read_manifest(path)
     model_cfg = OmegaConf.create(manifest["model"])

@@ -175,8 +175,7 @@ def train(cfg) -> dict:
             print(f"resumed from {resume_dir} (step {start_step}, saved at world size {manifest['world_size']}, "
                   f"now {world})", flush=True)
 
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    broadcast_buffers=False) if world > 1 else model
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     if t.compile:
         ddp_model = torch.compile(ddp_model)
     metrics = MetricsLog(run_dir, cfg, start_step)
