@@ -265,3 +265,16 @@ def test_export_hf_of_trained_checkpoint_loads_in_transformers(reference_run, tm
         a, b = ours(pixels), hf(pixel_values=pixels)
     assert torch.allclose(a.embedding, b.image_embeds, atol=1e-5)
     assert torch.allclose(a.last_hidden_state, b.last_hidden_state, atol=1e-5)
+
+
+def test_wandb_offline_logging(dataset, tmp_path, monkeypatch):
+    """The default logging mode (offline) writes a wandb run under the run dir, and a resume reuses its id."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    _run_inprocess(_compose(dataset, out, **{"logging.wandb.mode": "offline", "train.total_steps": 2,
+                                            "train.ckpt_every": 2}))
+    run_id = (out / "wandb_id.txt").read_text().strip()
+    assert list((out / "wandb").glob(f"offline-run-*-{run_id}")), list((out / "wandb").iterdir())
+    _run_inprocess(_compose(dataset, out, **{"logging.wandb.mode": "offline", "train.total_steps": 3,
+                                            "train.ckpt_every": 3}))
+    assert (out / "wandb_id.txt").read_text().strip() == run_id

@@ -9,13 +9,11 @@ runs from one checkpoint step to the next; the loader is restarted at every chec
 resumed run sees exactly the batches an uninterrupted run sees.
 """
 import contextlib
-import hashlib
 import json
 import math
-import os
 import resource
-import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -23,16 +21,11 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mlcd import dist
+from mlcd.data.loader import derive_seed, make_train_loader
 from mlcd.models import build_model
 from mlcd.partial_fc import build_partial_fc, reshard
 from mlcd.train import checkpoint
 from mlcd.train.optim import build_backbone_optimizer, lr_at, set_lr
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from any tuple of ints/strings, stable across processes and Python versions."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def resolve_num_classes(cfg) -> int:
@@ -71,7 +64,7 @@ class MetricsLog:
         if mode != "disabled":
             import wandb
             id_file = run_dir / "wandb_id.txt"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
             id_file.write_text(run_id)
             self.wandb = wandb.init(project=cfg.logging.wandb.project, name=cfg.run_name, id=run_id,
                                     resume="allow", dir=str(run_dir), mode=mode,
@@ -91,8 +84,6 @@ class MetricsLog:
 
 
 def make_loader(cfg, segment_start: int, per_rank_batch: int, image_size: int):
-    from mlcd.data.loader import make_train_loader
-
     d = cfg.data
     return make_train_loader(
         d.train_shards, d.labels_dir, batch_size=per_rank_batch, num_workers=d.num_workers,

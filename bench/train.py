@@ -1,0 +1,112 @@
+"""Training-step throughput and peak memory of one device: backbone forward/backward + MLCD loss over PartialFC
++ both optimizers, on synthetic tensors (the loader is benched separately in bench/data.py).
+
+GPU: vit_b16 at 224, 1M classes, r = 0.1, bf16 autocast, plus MFU (model FLOPs / H100 bf16 dense peak).
+CPU: the demo's vit_tiny at 28 px, 100k classes, r = 0.1, fp32. Writes bench/results/train.json.
+
+    python bench/train.py [--steps 10] [--batch 256]
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mlcd.models import build_model  # noqa: E402
+from mlcd.partial_fc import build_partial_fc  # noqa: E402
+from mlcd.train.loop import global_grad_norm  # noqa: E402
+from mlcd.train.optim import build_backbone_optimizer  # noqa: E402
+
+H100_BF16_DENSE_TFLOPS = 989.0
+
+
+def vit_flops_per_image(cfg) -> float:
+    """Forward matmul FLOPs of the ViT (2 per multiply-add): patch embed, qkv/out/MLP, attention scores/values."""
+    tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
+    d, mlp = cfg.width, cfg.mlp_dim
+    per_layer = 2 * tokens * (4 * d * d + 2 * d * mlp) + 2 * 2 * tokens * tokens * d
+    embed = 2 * (tokens - 1) * 3 * cfg.patch_size ** 2 * d
+    return cfg.layers * per_layer + embed + 2 * d * (cfg.embed_dim or 0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=256)
+    args = ap.parse_args()
+
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    model_name, num_classes = ("vit_b16", 1_000_000) if gpu else ("vit_tiny", 100_000)
+    model_cfg = OmegaConf.load(ROOT / "configs" / "model" / f"{model_name}.yaml")
+    loss_cfg = OmegaConf.load(ROOT / "configs" / "loss" / "mlcd.yaml")
+    optim_cfg = OmegaConf.load(ROOT / "configs" / "optim" / "adamw.yaml")
+    torch.manual_seed(0)
+    model = build_model(model_cfg).to(device)
+    pfc = build_partial_fc(loss_cfg, num_classes, model.embed_dim, seed=0).to(device)
+    opt = build_backbone_optimizer(model, optim_cfg)
+    center_opt = pfc.make_optimizer(lr=optim_cfg.lr, weight_decay=optim_cfg.centers_weight_decay,
+                                    betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
+    images = torch.randn(args.batch, 3, model.image_size, model.image_size, device=device)
+    labels = torch.randint(0, num_classes, (args.batch, 8), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu)
+
+    def step(i):
+        with autocast:
+            emb = model(images).embedding
+        loss = pfc(emb.float(), labels, i)
+        loss.backward()
+        norm = global_grad_norm(model, pfc)
+        coef = torch.clamp(1.0 / (norm + 1e-6), max=1.0)
+        for p in list(model.parameters()) + list(pfc.parameters()):
+            if p.grad is not None:
+                p.grad.mul_(coef)
+        opt.step()
+        center_opt.step()
+        opt.zero_grad(set_to_none=True)
+        center_opt.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(args.warmup):
+        step(i)
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        loss = step(args.warmup + i)
+    loss.item()  # waits for the device
+    seconds = (time.perf_counter() - t0) / args.steps
+    images_per_s = args.batch / seconds
+    flops = 3 * vit_flops_per_image(model_cfg)  # forward + backward (2x) of the backbone
+    result = {
+        "bench": "train_step", "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform()},
+        "model": model_name, "image_size": model_cfg.image_size, "num_classes": num_classes,
+        "sample_ratio": loss_cfg.sample_ratio, "batch_per_device": args.batch, "precision": "bf16" if gpu else "fp32",
+        "steps_timed": args.steps, "step_seconds": seconds, "images_per_s": images_per_s,
+        "backbone_tflops_per_s": flops * images_per_s / 1e12,
+        "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20 if gpu
+                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+    if gpu:
+        result["mfu_vs_h100_bf16_dense"] = result["backbone_tflops_per_s"] / H100_BF16_DENSE_TFLOPS
+    out = ROOT / "bench" / "results" / "train.json"
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
