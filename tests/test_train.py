@@ -71,10 +71,10 @@ def _overrides(dataset, out_dir, **extra):
     return [f"{k}='{v}'" if isinstance(v, str) and "{" in v else f"{k}={v}" for k, v in args.items()]
 
 
-def _torchrun(nproc, overrides, timeout=240, wait=True):
+def _torchrun(nproc, overrides, timeout=240, wait=True, **env_extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "train.py"), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env_extra}
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -122,13 +122,15 @@ def test_two_rank_run_loss_falls(reference_run):
 
 
 def test_kill9_then_resume_is_bitwise_exact(dataset, reference_run, tmp_path):
-    proc = _torchrun(2, _overrides(dataset, tmp_path), wait=False)
+    # 0.4 s per step after the math: the 8 steps after the first checkpoint take >= 3.2 s, so the kill below
+    # lands in steps 5..8 however fast the machine is
+    proc = _torchrun(2, _overrides(dataset, tmp_path), wait=False, MLCD_TEST_STEP_DELAY="0.4")
     ckpt_root = tmp_path / "checkpoints"
     deadline = time.time() + 180
     while not (ckpt_root / "step-00000004").exists():  # kill once the first checkpoint landed (mid-run)
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-3000:]
         time.sleep(0.05)
-    time.sleep(np.random.default_rng().uniform(0, 1.0))  # somewhere in steps 5..8
+    time.sleep(np.random.default_rng().uniform(0, 1.5))  # a random step in 5..8
     # torchrun starts its workers in their own sessions: kill -9 every process of this run by its out_dir
     subprocess.run(["pkill", "-9", "-f", str(tmp_path)], check=False)
     proc.wait()

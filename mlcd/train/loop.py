@@ -11,6 +11,7 @@ resumed run sees exactly the batches an uninterrupted run sees.
 import contextlib
 import json
 import math
+import os
 import resource
 import time
 import uuid
@@ -26,6 +27,10 @@ from mlcd.models import build_model
 from mlcd.partial_fc import build_partial_fc, reshard
 from mlcd.train import checkpoint
 from mlcd.train.optim import build_backbone_optimizer, lr_at, set_lr
+
+
+# Tests slow the loop down so that an external kill -9 lands mid-run; it changes nothing else.
+_TEST_STEP_DELAY = float(os.environ.get("MLCD_TEST_STEP_DELAY", 0))
 
 
 def resolve_num_classes(cfg) -> int:
@@ -228,6 +233,8 @@ def train(cfg) -> dict:
         center_opt.zero_grad(set_to_none=True)
         bar.update(1)
         window_steps += 1
+        if _TEST_STEP_DELAY:
+            time.sleep(_TEST_STEP_DELAY)
 
         if (step + 1) % t.log_every == 0 or step + 1 == t.total_steps:
             elapsed = time.time() - window_t
