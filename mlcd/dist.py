@@ -4,6 +4,7 @@ Everything works without torch.distributed initialised (world size 1), so the sa
 plain `python` and under `torchrun`.
 """
 import datetime
+import hashlib
 import os
 
 import torch
@@ -71,3 +72,9 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from a tuple of ints/strings, stable across processes and Python versions: the one way
+    every per-rank / per-step / per-worker generator is seeded, so resume reproduces every stream."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1

@@ -32,7 +32,6 @@ accumulation micro-steps). `make_optimizer` returns `SparseRowAdamW`, which Adam
 per-row step count for bias correction, and leaves every other row and its moments bit-identical: no weight decay
 or momentum drift on classes that were not sampled (unlike insightface PartialFC_V2's dense gradient).
 """
-import hashlib
 import math
 from dataclasses import dataclass
 
@@ -78,8 +77,7 @@ class ShardSpec:
 
 def sample_seed(seed: int, rank: int, step: int) -> int:
     """A 63-bit generator seed from (seed, rank, step): reproducible on resume, uncorrelated across ranks and steps."""
-    return int.from_bytes(hashlib.sha256(repr(("pfc", int(seed), int(rank), int(step))).encode()).digest()[:8],
-                          "little") >> 1
+    return mdist.derive_seed("pfc", int(seed), int(rank), int(step))
 
 
 def budget(n_local: int, n_pos: int, ratio: float, rule: str) -> int:

@@ -30,7 +30,6 @@ remote `pipe:` shards that means num_workers reads of each tar: use few workers,
 """
 import glob
 import gzip
-import hashlib
 import io
 import logging
 import os
@@ -44,6 +43,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mlcd import dist
+from mlcd.dist import derive_seed
 from mlcd.data.labels import read_shard_labels, shard_stem
 from mlcd.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform, TrainTransform, to_rgb
 
@@ -62,11 +62,6 @@ REASONS = (
 )
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _MAX_WARNINGS = 20  # per stream; the counts keep going
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from a tuple of ints/strings, stable across processes and Python versions."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
 # ---------------------------------------------------------------- shard lists and tar reading

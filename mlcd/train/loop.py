@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mlcd import dist
-from mlcd.data.loader import derive_seed, make_train_loader
+from mlcd.data.loader import make_train_loader
+from mlcd.dist import derive_seed
 from mlcd.models import build_model
 from mlcd.partial_fc import build_partial_fc, reshard
 from mlcd.train import checkpoint
