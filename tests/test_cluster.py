@@ -92,14 +92,58 @@ def test_flat_kmeans_recovers_mixture():
     assert abs(summ["objective_eq2"] - np.mean(np.sum((x - centers[lab]) ** 2, 1))) < 1e-4
 
 
-def test_two_level_kmeans_recovers_mixture():
+@pytest.mark.parametrize("refine,probe", [(0, 8), (2, 2), (2, 0)])
+def test_two_level_kmeans_recovers_mixture(refine, probe):
     x, y = sphere_mixture(64, 100, 32, noise=0.08, seed=2)
-    for refine in (0, 2):
-        centers, rep = train_kmeans(x, 64, niter=20, seed=5, mode="two_level", coarse_k=8, refine_iters=refine)
-        assert centers.shape == (64, 32)
-        assert rep["coarse"]["k"] == 8 and rep["fine"]["groups"] == 8
-        assert normalized_mutual_info_score(y, nearest(x, centers)) > 0.9, refine
-    assert len(rep["refine_iterations"]) == 2
+    centers, rep = train_kmeans(x, 64, niter=20, seed=5, mode="two_level", coarse_k=8, refine_iters=refine,
+                                refine_probe=probe)
+    assert centers.shape == (64, 32)
+    assert rep["coarse"]["k"] == 8 and rep["fine"]["groups"] == 8
+    assert normalized_mutual_info_score(y, nearest(x, centers)) > 0.9
+    assert len(rep.get("refine_iterations", [])) == refine
+
+
+@pytest.mark.parametrize("probe", [1, 3, 6])
+def test_local_refine_equals_masked_lloyd(probe):
+    """Local refinement == Lloyd passes in NumPy where point i may only pick centers owned by its
+    `probe` nearest coarse groups (probe = all groups: plain Lloyd)."""
+    from mlcd.cluster.kmeans import _local_refine
+    g = np.random.default_rng(3)
+    x = g.standard_normal((600, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    coarse = x[:6] + 0.1 * g.standard_normal((6, 16)).astype(np.float32)
+    src = g.choice(600, 40, replace=False)
+    owner = (x[src] @ coarse.T).argmax(1)              # a center's source point can always reach it
+    centers = x[src] + 0.01 * g.standard_normal((40, 16)).astype(np.float32)
+    got, stats = _local_refine(x, centers, coarse, owner, probe, 3, gpu=False, progress=False)
+
+    near = np.argsort(-(x.astype(np.float64) @ coarse.T), axis=1)[:, :probe]
+    allowed = (owner[None, :, None] == near[:, None, :]).any(2)            # [n, K]
+    c = centers.astype(np.float64)
+    for it in range(3):
+        sims = np.where(allowed, x @ c.T, -np.inf)
+        lab = sims.argmax(1)
+        assert abs(stats[it]["mean_cos"] - sims.max(1).mean()) < 1e-5
+        for j in range(len(c)):
+            if (lab == j).any():
+                m = x[lab == j].sum(0)
+                c[j] = m / np.linalg.norm(m)
+        assert stats[it]["nsplit"] == len(c) - len(np.unique(lab)) == 0   # (splits: the next test)
+    np.testing.assert_allclose(got, c, atol=1e-5)
+
+
+def test_local_refine_reseeds_empty_centers():
+    """A center no point picks (here: the antipode of the data) takes over half of a big cluster."""
+    from mlcd.cluster.kmeans import _local_refine
+    x, y = sphere_mixture(4, 50, 8, noise=0.05, seed=4)
+    one_each = [int(np.flatnonzero(y == c)[0]) for c in range(4)]
+    coarse = x[one_each]
+    centers = np.concatenate([x[one_each], -x[one_each[:1]]])
+    owner = np.array([0, 1, 2, 3, 0])
+    got, stats = _local_refine(x, centers, coarse, owner, 4, 5, gpu=False, progress=False)
+    assert stats[0]["nsplit"] == 1
+    assert (x @ got[4]).max() > 0.9                                  # it moved into the data
+    assert stats[-1]["mean_cos"] >= stats[0]["mean_cos"]
 
 
 def test_kmeans_rejects_too_few_points():
@@ -182,10 +226,16 @@ def test_kmeans_and_exact_assign_stages(tmp_path):
     assert lman["complete"] and lman["num_classes"] == 48 and lman["rows"] == len(feats)
 
 
-def test_ivf_assign_recall_is_reported_truthfully(tmp_path):
+# Deliberately lossy settings (IVF: 2 of 32 cells; HNSW: 8 candidates, 4 links), so a wrong recall would show.
+APPROX = {"ivf": ["assign.nlist=32", "assign.nprobe=2"],
+          "hnsw": ["assign.hnsw_m=4", "assign.ef_search=8", "assign.ef_construction=8"]}
+
+
+@pytest.mark.parametrize("method", ["ivf", "hnsw"])
+def test_approx_assign_recall_is_reported_truthfully(tmp_path, method):
     urls, _ = _features(tmp_path, seed=7)
     cfg = _cfg(tmp_path, "kmeans.k=256", "kmeans.mode=two_level", "kmeans.coarse_k=16", "kmeans.niter=10",
-               "assign.method=ivf", "assign.nlist=32", "assign.nprobe=2", "assign.recall_sample=100000")
+               f"assign.method={method}", *APPROX[method], "assign.recall_sample=100000")
     kmeans.run(cfg, {}, [Path(u).stem for u in urls])
     assign.run(cfg, {}, urls)
     rep = load_json(tmp_path / "labels" / "assign_report.json")
@@ -196,14 +246,15 @@ def test_ivf_assign_recall_is_reported_truthfully(tmp_path):
     hits = np.mean([len(set(a) & set(b)) / 8 for a, b in zip(labels, ref_ids)])
     assert rep["recall_sample"] == len(feats)  # the sample covers every image here, so the numbers must agree
     assert abs(rep["recall_at_k"] - hits) < 1e-3, (rep["recall_at_k"], hits)
-    assert 0.3 < hits < 0.999  # nprobe=2 of 32 is deliberately lossy: the test would see a wrong recall
+    assert 0.3 < hits < 0.999, hits
     # similarities are the true inner products of the returned centers, sorted
     np.testing.assert_allclose(sims, np.take_along_axis(feats.astype(np.float64) @ centers.T.astype(np.float64),
                                                         labels.astype(np.int64), 1), atol=1e-5)
     assert np.all(np.diff(sims, axis=1) <= 1e-7)
-    with pytest.raises(ValueError, match="other settings"):  # resume with another nprobe must not mix labels
+    other = {"ivf": "assign.nprobe=4", "hnsw": "assign.ef_search=16"}[method]
+    with pytest.raises(ValueError, match="other settings"):  # resume with another setting must not mix labels
         assign.run(_cfg(tmp_path, "kmeans.k=256", "kmeans.mode=two_level", "kmeans.coarse_k=16", "kmeans.niter=10",
-                        "assign.method=ivf", "assign.nlist=32", "assign.nprobe=4"), {}, urls)
+                        f"assign.method={method}", *APPROX[method], other), {}, urls)
 
 
 def test_assign_without_centers_fails_clearly(tmp_path):
