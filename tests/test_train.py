@@ -280,3 +280,30 @@ def test_wandb_offline_logging(dataset, tmp_path, monkeypatch):
     _run_inprocess(_compose(dataset, out, **{"logging.wandb.mode": "offline", "train.total_steps": 3,
                                             "train.ckpt_every": 3}))
     assert (out / "wandb_id.txt").read_text().strip() == run_id
+
+
+def test_init_from_another_resolution(dataset, reference_run, tmp_path):
+    """The paper's 224 -> 336 step in miniature: a new run at 42 px from the 28 px reference run. With lr 0
+    nothing moves, so its checkpoint must hold exactly the source weights (the position embedding: its
+    bicubic resize 4x4 -> 6x6) and the source centers, re-split over 1 rank."""
+    from mlcd.models.vit import resize_pos_embed
+    run = tmp_path / "ft"
+    proc = _torchrun(1, _overrides(dataset, run, **{"model.image_size": 42, "train.init_from": str(reference_run),
+                                                    "optim.lr": 0.0, "train.total_steps": 2, "train.ckpt_every": 2}))
+    assert "initialised from" in proc.stdout and "resized positional_embedding" in proc.stdout
+    _, src, src_shards = _final_state(reference_run, 12)
+    manifest, got, shards = _final_state(run, 2)
+    assert manifest["model"]["image_size"] == 42 and got["positional_embedding"].shape == (1 + 36, 32)
+    for key, value in src.items():
+        want = resize_pos_embed(value, 6, 6) if key == "positional_embedding" else value
+        assert torch.equal(got[key], want), key
+    assert torch.equal(_full_centers(shards), _full_centers(src_shards))
+
+
+def test_init_from_other_architecture_names_the_field(reference_run):
+    from mlcd.models import build_model
+    from mlcd.train import checkpoint
+    src = checkpoint.find_checkpoint(reference_run)
+    cfg = {**json.loads((src / "manifest.json").read_text())["model"], "width": 48, "heads": 2}
+    with pytest.raises(ValueError, match="model.width is 32 there but 48"):
+        checkpoint.init_backbone_from(build_model(cfg), src, cfg)

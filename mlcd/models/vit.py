@@ -33,6 +33,17 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+def resize_pos_embed(pe: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """[1 + g*g, width] learned embedding (class token first) -> [1 + grid_h*grid_w, width]: the patch
+    grid resized bicubically, as HF CLIP's interpolate_pos_encoding (224 -> 336 fine-tuning, odd inputs)."""
+    g = int(round((pe.shape[0] - 1) ** 0.5))
+    if (grid_h, grid_w) == (g, g):
+        return pe
+    grid = pe[1:].float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+    return torch.cat([pe[:1], grid.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1).to(pe.dtype)])
+
+
 def rotate_half(x):
     """Split-half rotation (not interleaved): (a, b) -> (-b, a) over the two halves of the last dim."""
     a, b = x.chunk(2, dim=-1)
@@ -162,14 +173,8 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = enable
 
     def position_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        """Learned embedding [1 + grid_h*grid_w, width]; the patch grid is resized bicubically (as HF
-        CLIP's interpolate_pos_encoding) when the input grid differs from the trained one."""
-        pe = self.positional_embedding
-        if (grid_h, grid_w) == (self.grid, self.grid):
-            return pe
-        g = pe[1:].float().reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
-        g = F.interpolate(g, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
-        return torch.cat([pe[:1], g.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1).to(pe.dtype)])
+        """Learned embedding [1 + grid_h*grid_w, width], resized when the input grid differs from the trained one."""
+        return resize_pos_embed(self.positional_embedding, grid_h, grid_w)
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> ViTOutput:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:

@@ -138,15 +138,44 @@ def load_backbone(ckpt_dir):
     """(model, model_cfg) from a training checkpoint directory (or a run dir: its newest checkpoint)."""
     from mlcd.models import build_model
 
-    path = Path(ckpt_dir)
-    if not (path / MANIFEST).exists():
-        found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
-        if not found:
-            raise FileNotFoundError(f"{ckpt_dir}: neither a checkpoint nor a run dir with checkpoints/step-* "
-                                    "(train one with train.py, or run `make demo` for the default runs/demo)")
-        path = found[-1]
+    try:
+        path = find_checkpoint(ckpt_dir)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (train one with train.py, or run `make demo` for the default runs/demo)") from None
     manifest = read_manifest(path)
     model_cfg = OmegaConf.create(manifest["model"])
     model = build_model(model_cfg)
     model.load_state_dict(load_backbone_weights(path))
     return model.eval(), model_cfg
+
+
+def find_checkpoint(path) -> Path:
+    """A checkpoint directory, or a run directory's newest checkpoint."""
+    path = Path(path)
+    if (path / MANIFEST).exists():
+        return path
+    found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"{path}: neither a checkpoint nor a run dir with checkpoints/step-*")
+    return found[-1]
+
+
+def init_backbone_from(model: torch.nn.Module, ckpt_dir, model_cfg: dict) -> list[str]:
+    """Load another run's backbone into `model` for a new run (e.g. the paper's 224 -> 336 fine-tune).
+
+    The architecture must match in everything but `image_size` and the `name` label (an error names the
+    field otherwise); a learned position embedding is resized bicubically to the new patch grid.
+    Returns the resized keys."""
+    from mlcd.models.vit import resize_pos_embed
+
+    manifest = read_manifest(ckpt_dir)
+    for key in sorted(set(manifest["model"]) | set(model_cfg)):
+        if key not in ("image_size", "name") and manifest["model"].get(key) != model_cfg.get(key):
+            raise ValueError(f"train.init_from={ckpt_dir}: model.{key} is {manifest['model'].get(key)!r} there but "
+                             f"{model_cfg.get(key)!r} in the config (only image_size may differ)")
+    state, resized = load_backbone_weights(ckpt_dir), []
+    if "positional_embedding" in state and state["positional_embedding"].shape != model.positional_embedding.shape:
+        state["positional_embedding"] = resize_pos_embed(state["positional_embedding"], model.grid, model.grid)
+        resized.append("positional_embedding")
+    model.load_state_dict(state)
+    return resized

@@ -171,6 +171,17 @@ def train(cfg) -> dict:
         if dist.is_main():
             print(f"resumed from {resume_dir} (step {start_step}, saved at world size {manifest['world_size']}, "
                   f"now {world})", flush=True)
+    elif t.init_from:  # a new run (step 0, fresh optimizers) starting from another run's weights
+        src = checkpoint.find_checkpoint(t.init_from)
+        resized = checkpoint.init_backbone_from(model, src, identity["model"])
+        if t.init_centers:
+            manifest = checkpoint.read_manifest(src)
+            checkpoint.check_compatible(manifest, {k: identity[k] for k in ("num_classes", "embed_dim")}, src)
+            states = reshard(checkpoint.load_center_states(src, manifest["world_size"]), world)
+            pfc.load_state_dict(states[rank]["shard"])
+        if dist.is_main():
+            print(f"initialised from {src} (backbone{', resized ' + ', '.join(resized) if resized else ''}"
+                  f"{', class centers' if t.init_centers else ''})", flush=True)
 
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     if t.compile:
