@@ -5,8 +5,8 @@ Features: 512-d random ReLU features of Fashion-MNIST pixels (fixed Gaussian pro
 Same objective (mean CE + lam/2 ||W||^2, i.e. C = 1 / (lam n)), same tol on max|grad| (1e-4,
 scikit-learn's default), same max_iter (1000, CLIP's). Target: >= 5x faster, <= 0.3 points lower.
 Ours is also run without the preconditioner (the ablation).
-Run twice: both solvers on 1 thread (torch.set_num_threads / threadpoolctl for sklearn's BLAS; the
-headline, stable on a shared machine), then both at their default thread counts.
+Both solvers on 1 thread (torch.set_num_threads / threadpoolctl for sklearn's BLAS), three rounds, the
+median ratio is the headline; then both once at their default thread counts.
 Writes bench/results/linear_probe.json.
 """
 import json
@@ -47,7 +47,7 @@ def main():
     dev = pick_device("auto")
     default_threads = torch.get_num_threads()
 
-    def run_both(threads):
+    def run_both(threads, ablation=True):
         rows = {}
         torch.set_num_threads(threads)
         t = time.perf_counter()
@@ -60,14 +60,15 @@ def main():
                         "objective": objective(ftr, ytr, clf.weight.cpu().numpy(), clf.bias.cpu().numpy(), LAM),
                         "grad_max": clf.info["grad_max"]}
         print(threads, "ours", rows["ours"], flush=True)
-        t = time.perf_counter()
-        plain = fit_logreg(ftr, ytr, 10, LAM, standardize=False, tol=TOL, max_iter=MAX_ITER, device=dev,
-                           precondition=False)
-        rows["ours_no_precondition"] = {"seconds": time.perf_counter() - t,
-                                        "accuracy": float((plain.predict(fte) == yte).mean() * 100),
-                                        "n_iter": plain.n_iter, "n_evals": plain.n_evals,
-                                        "grad_max": plain.info["grad_max"]}
-        print(threads, "ours, no preconditioner", rows["ours_no_precondition"], flush=True)
+        if ablation:
+            t = time.perf_counter()
+            plain = fit_logreg(ftr, ytr, 10, LAM, standardize=False, tol=TOL, max_iter=MAX_ITER, device=dev,
+                               precondition=False)
+            rows["ours_no_precondition"] = {"seconds": time.perf_counter() - t,
+                                            "accuracy": float((plain.predict(fte) == yte).mean() * 100),
+                                            "n_iter": plain.n_iter, "n_evals": plain.n_evals,
+                                            "grad_max": plain.info["grad_max"]}
+            print(threads, "ours, no preconditioner", rows["ours_no_precondition"], flush=True)
         with threadpool_limits(limits=threads):
             t = time.perf_counter()
             sk = LogisticRegression(C=1.0 / (LAM * n), tol=TOL, max_iter=MAX_ITER, solver="lbfgs").fit(ftr, ytr)
@@ -81,11 +82,16 @@ def main():
         rows["load_avg_1m_after"] = os.getloadavg()[0]
         return rows
 
+    # The single-thread pair three times (the box is shared: one pair can be off by 15%); headline = median.
     single = run_both(1)
+    repeats = [single] + [run_both(1, ablation=False) for _ in range(2)]
+    single["rounds"] = [{"ours_s": r["ours"]["seconds"], "sklearn_s": r["sklearn"]["seconds"], "speedup": r["speedup"]}
+                        for r in repeats]
+    single["median_speedup"] = float(np.median([r["speedup"] for r in repeats]))
     multi = run_both(default_threads)
     torch.set_num_threads(default_threads)
     rows = {"single_thread": single, f"default_threads_{default_threads}": multi}
-    speedup, acc_gap = single["speedup"], single["accuracy_gap_points"]
+    speedup, acc_gap = single["median_speedup"], single["accuracy_gap_points"]
     result = {
         "bench": "linear_probe",
         "what": "multinomial logistic regression on cached features: ours (L-BFGS preconditioned by the "
@@ -93,14 +99,15 @@ def main():
                 "LogisticRegression(solver='lbfgs', float64); ours_no_precondition = the ablation",
         "features": f"Fashion-MNIST random ReLU features, {n} x {DIM} train, {len(fte)} test, standardised",
         "settings": {"lam": LAM, "C_sklearn": 1.0 / (LAM * n), "tol": TOL, "max_iter": MAX_ITER,
-                     "ours_history_size": 64, "sklearn_history_size": "10 (scipy default)"},
+                     "ours_history_size": 200, "sklearn_history_size": "10 (scipy default)"},
         "results": rows,
-        "headline": "single_thread",
+        "headline": "single_thread (median of 3 rounds)",
         "speedup": speedup,
         "accuracy_gap_points": acc_gap,
         "target": ">= 5x faster at <= 0.3 points lower accuracy",
         "target_met": bool(speedup >= 5 and acc_gap <= 0.3),
-        "target_met_by_setting": {k: bool(v["speedup"] >= 5 and v["accuracy_gap_points"] <= 0.3) for k, v in rows.items()},
+        "target_met_by_setting": {k: bool(v.get("median_speedup", v["speedup"]) >= 5 and v["accuracy_gap_points"] <= 0.3)
+                                  for k, v in rows.items()},
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": default_threads,
                     "load_avg_1m_at_end": os.getloadavg()[0], "platform": platform.platform(),
                     "torch": torch.__version__, "sklearn": sklearn.__version__, "device": str(dev),

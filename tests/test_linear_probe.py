@@ -229,3 +229,25 @@ def test_preconditioning_changes_iterations_not_the_optimum():
     assert abs(on.info["loss"] - off.info["loss"]) < 1e-6 * off.info["loss"], (on.info, off.info)
     assert float((on.weight - off.weight).abs().max()) < 0.01 * float(off.weight.abs().max())
     assert on.n_iter * 2 < off.n_iter, (on.n_iter, off.n_iter)
+
+
+def test_compact_lbfgs_memory_equals_two_loop_recursion():
+    """H g from the compact form == the textbook two-loop recursion (float64, history overflowing)."""
+    from mlcd.eval.linear_probe import _Memory
+    torch.manual_seed(0)
+    a = torch.randn(50, 50, dtype=torch.float64)
+    hess = a @ a.T + 50 * torch.eye(50, dtype=torch.float64)
+    memory, pairs = _Memory(5), []
+    for _ in range(7):
+        s = torch.randn(50, dtype=torch.float64)
+        memory.push(s, hess @ s)
+        pairs = (pairs + [(s, hess @ s)])[-5:]
+    g = torch.randn(50, dtype=torch.float64)
+    q, alphas = g.clone(), []
+    for s, y in reversed(pairs):
+        alphas.append(torch.dot(s, q) / torch.dot(s, y))
+        q -= alphas[-1] * y
+    q *= torch.dot(pairs[-1][0], pairs[-1][1]) / torch.dot(pairs[-1][1], pairs[-1][1])
+    for (s, y), al in zip(pairs, reversed(alphas)):
+        q += (al - torch.dot(y, q) / torch.dot(s, y)) * s
+    torch.testing.assert_close(memory.direction(g), -q, rtol=1e-10, atol=1e-12)

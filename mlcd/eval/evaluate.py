@@ -19,7 +19,7 @@ from mlcd.eval.knn import knn_predict
 from mlcd.eval.linear_probe import METRICS, fit_logreg, lam_grid, pick_device, search_lam
 
 PROBE_DEFAULTS = dict(lam=None, lam_lo=-6.0, lam_hi=2.0, steps_per_decade=8, coarse_every=16, max_iter=1000,
-                      tol=1e-4, history_size=64, standardize=True, val_fraction=0.1)
+                      tol=1e-4, history_size=200, standardize=True, val_fraction=0.1)
 KNN_DEFAULTS = dict(enabled=True, k=20, temperature=0.07)
 
 
