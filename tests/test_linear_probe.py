@@ -251,3 +251,16 @@ def test_compact_lbfgs_memory_equals_two_loop_recursion():
     for (s, y), al in zip(pairs, reversed(alphas)):
         q += (al - torch.dot(y, q) / torch.dot(s, y)) * s
     torch.testing.assert_close(memory.direction(g), -q, rtol=1e-10, atol=1e-12)
+
+
+def test_lbfgs_lengthens_a_too_short_first_step():
+    """A warm start just above tol on a flat objective (the lam search's neighbours): the first step must
+    grow to the curvature's scale, not crawl with tiny steps whose curvature pairs are too small to use."""
+    from mlcd.eval.linear_probe import _lbfgs
+    curv, target = 1e-6, torch.full((4,), 50.0, dtype=torch.float64)
+
+    def fun(z):
+        g = curv * (z - target)
+        return float(0.5 * curv * ((z - target) ** 2).sum()), g, float(g.abs().max()) <= 1e-8, {}
+    z, n_iter, _, _ = _lbfgs(fun, torch.zeros(4, dtype=torch.float64), max_iter=1000, history_size=10)
+    assert n_iter < 20 and float((z - target).abs().max()) < 1e-2, (n_iter, z)

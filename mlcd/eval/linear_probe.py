@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.lbfgs import _strong_wolfe  # torch's own line search for LBFGS (pinned torch)
 
 
 def top1_accuracy(pred, target) -> float:
@@ -165,11 +166,14 @@ class _Memory:
 
 
 def _lbfgs(fun, z, *, max_iter: int, history_size: int, tol_change: float = 1e-10):
-    """Minimise a smooth convex function by L-BFGS with a backtracking (Armijo) line search.
+    """Minimise a smooth convex function by L-BFGS.
 
-    fun(z) -> (loss float, grad like z, converged bool, info). The objective is strictly convex, so the
-    curvature pairs are positive and step 1 is accepted almost always (one evaluation per iteration,
-    where a strong-Wolfe search often spends two). Returns (z, n_iter, n_evals, info of z)."""
+    fun(z) -> (loss float, grad like z, converged bool, info). Line search: while the memory is empty
+    (first step, restarts) torch's strong-Wolfe search, which also *lengthens* a step that is too short:
+    a warm start from the neighbouring lam on a flat objective otherwise makes steps so short that their
+    curvature pairs are unusable, and crawls (seen: 1000 iterations). With a memory the step is scaled
+    by it and t = 1 is accepted almost always, so plain Armijo backtracking costs one evaluation per
+    iteration. Returns (z, n_iter, n_evals, info of z)."""
     f, g, done, info = fun(z)
     evals, it = 1, 0
     memory = _Memory(history_size)
@@ -180,14 +184,25 @@ def _lbfgs(fun, z, *, max_iter: int, history_size: int, tol_change: float = 1e-1
         if not gtd < 0:                             # not a descent direction (round-off): restart
             memory = _Memory(history_size)
             d, gtd = -g, -float(torch.dot(g, g))
-        t = 1.0 if memory.s is not None else min(1.0, 1.0 / float(g.abs().sum()))
-        for _ in range(40):
-            f_new, g_new, done, info_new = fun(z + t * d)
-            evals += 1
-            if f_new <= f + 1e-4 * t * gtd:         # Armijo (a NaN/inf loss fails it too)
-                break
-            t *= 0.5
+        if memory.s is None:
+            seen = {}
+
+            def along(z0, step, direction):
+                seen[float(step)] = out = fun(z0 + step * direction)
+                return out[0], out[1]
+
+            f_new, g_new, t, n_ls = _strong_wolfe(along, z, min(1.0, 1.0 / float(g.abs().sum())), d, f, g, gtd)
+            t, evals = float(t), evals + n_ls
+            _, _, done, info_new = seen[t] if t in seen else fun(z + t * d)
         else:
+            t = 1.0
+            for _ in range(40):
+                f_new, g_new, done, info_new = fun(z + t * d)
+                evals += 1
+                if f_new <= f + 1e-4 * t * gtd:     # Armijo (a NaN/inf loss fails it too)
+                    break
+                t *= 0.5
+        if not f_new < f:
             break                                   # no decrease possible in float32: converged
         s, y = t * d, g_new - g
         if float(torch.dot(y, s)) > 1e-10:
