@@ -115,7 +115,7 @@ def test_local_refine_equals_masked_lloyd(probe):
     src = g.choice(600, 40, replace=False)
     owner = (x[src] @ coarse.T).argmax(1)              # a center's source point can always reach it
     centers = x[src] + 0.01 * g.standard_normal((40, 16)).astype(np.float32)
-    got, stats = _local_refine(x, centers, coarse, owner, probe, 3, gpu=False, progress=False)
+    got, stats = _local_refine(x, centers, coarse, owner, probe, 3, gpu=False, progress=False, seed=1234)
 
     near = np.argsort(-(x.astype(np.float64) @ coarse.T), axis=1)[:, :probe]
     allowed = (owner[None, :, None] == near[:, None, :]).any(2)            # [n, K]
@@ -140,7 +140,7 @@ def test_local_refine_reseeds_empty_centers():
     coarse = x[one_each]
     centers = np.concatenate([x[one_each], -x[one_each[:1]]])
     owner = np.array([0, 1, 2, 3, 0])
-    got, stats = _local_refine(x, centers, coarse, owner, 4, 5, gpu=False, progress=False)
+    got, stats = _local_refine(x, centers, coarse, owner, 4, 5, gpu=False, progress=False, seed=1234)
     assert stats[0]["nsplit"] == 1
     assert (x @ got[4]).max() > 0.9                                  # it moved into the data
     assert stats[-1]["mean_cos"] >= stats[0]["mean_cos"]
@@ -261,3 +261,9 @@ def test_assign_without_centers_fails_clearly(tmp_path):
     urls, _ = _features(tmp_path, n_shards=1)
     with pytest.raises(FileNotFoundError, match="no centers"):
         assign.run(_cfg(tmp_path), {}, urls)
+
+
+def test_negative_refine_probe_names_the_key():
+    with pytest.raises(ValueError, match="kmeans.refine_probe must be >= 0"):
+        train_kmeans(sphere_mixture(4, 20, 8, 0.1, 0)[0], 8, mode="two_level", coarse_k=2, refine_iters=1,
+                     refine_probe=-1)

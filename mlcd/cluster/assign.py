@@ -136,7 +136,7 @@ def run(cfg, cfg_dict: dict, urls: list[str], device_id=None) -> None:
                 index.nprobe = int(ac.nprobe)
         else:
             index.hnsw.efSearch = int(ac.ef_search)
-            report.update(settings)
+            report.update(hnsw_m=int(ac.hnsw_m), ef_search=int(ac.ef_search), ef_construction=int(ac.ef_construction))
         if dist.is_main() and ac.recall_sample:
             x = sample_rows(out / "features", stems, int(ac.recall_sample), int(cfg.seed))
             t1 = time.time()

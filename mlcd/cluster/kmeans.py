@@ -154,9 +154,11 @@ def train_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, mode:
     elif mode == "two_level":
         centers, coarse, owner = _two_level(x, k, niter, seed, coarse_k, max_points_per_centroid,
                                             min_points_per_centroid, gpu, rep, progress)
+        if refine_probe < 0:
+            raise ValueError(f"kmeans.refine_probe must be >= 0 (0 = flat passes), got {refine_probe}")
         if refine_iters > 0 and refine_probe > 0:
             centers, rep["refine_iterations"] = _local_refine(x, centers, coarse, owner, refine_probe,
-                                                              refine_iters, gpu, progress)
+                                                              refine_iters, gpu, progress, seed)
         elif refine_iters > 0:
             centers, stats = _faiss_kmeans(x, k, refine_iters, seed, max_points_per_centroid,
                                            min_points_per_centroid, gpu, init=centers)
@@ -210,7 +212,7 @@ def _two_level(x, k, niter, seed, coarse_k, max_ppc, min_ppc, gpu, rep, progress
     return _normalize(np.concatenate(out)).astype(np.float32), coarse, owner
 
 
-def _local_refine(x, centers, coarse, owner, probe, iters, gpu, progress, seed: int = 1234):
+def _local_refine(x, centers, coarse, owner, probe, iters, gpu, progress, seed: int):
     """Lloyd passes where each point competes only for the centers of its `probe` nearest coarse groups.
 
     The point -> groups lists are fixed once (from the coarse centers); every pass assigns each point to
@@ -232,6 +234,7 @@ def _local_refine(x, centers, coarse, owner, probe, iters, gpu, progress, seed: 
     point_lists = [torch.from_numpy(p) for p in point_lists]
     owner = np.asarray(owner).copy()
     rng = np.random.default_rng(seed)
+    split_sign = torch.from_numpy(np.where(np.arange(d) % 2 == 0, 1.0, -1.0).astype(np.float32)) / 1024
     xt = torch.from_numpy(x)
     c = torch.from_numpy(np.ascontiguousarray(centers, dtype=np.float32)).clone()
     stats = []
@@ -262,8 +265,7 @@ def _local_refine(x, centers, coarse, owner, probe, iters, gpu, progress, seed: 
         empty = np.flatnonzero(~moved)
         for j in empty:                                            # FAISS's split of a big cluster
             donor = rng.choice(len(c), p=np.maximum(counts - 1, 0) / np.maximum(counts - 1, 0).sum())
-            sign = torch.from_numpy(np.where(np.arange(d) % 2 == 0, 1.0, -1.0).astype(np.float32)) / 1024
-            c[j], c[donor] = c[donor] * (1 + sign), c[donor] * (1 - sign)
+            c[j], c[donor] = c[donor] * (1 + split_sign), c[donor] * (1 - split_sign)
             counts[j] = counts[donor] / 2
             counts[donor] -= counts[j]
             owner[j] = owner[donor]

@@ -4,8 +4,8 @@ Objective (the mean form scikit-learn also minimises since 1.2):
     f(W, b) = mean_i CE(W x_i + b, y_i) + lam / 2 * ||W||^2        (bias not penalised)
 so lam corresponds to scikit-learn's C = 1 / (lam * n). Solved full-batch by L-BFGS (our own loop,
 preconditioned by the feature covariance: see `_preconditioner`) on whatever device holds the
-features; the loss and its gradient are computed by hand in row chunks, so memory stays bounded (ImageNet-size feature sets) and no
-autograd graph is built.
+features; the loss and its gradient are computed by hand in row chunks, so memory stays bounded
+(ImageNet-size feature sets) and no autograd graph is built.
 
 Features are standardised (z-score with the statistics of the set the classifier is fitted on).
 Why: one lam grid then means the same thing for every backbone and feature (pixels in [0, 1],
@@ -139,16 +139,14 @@ class _Memory:
 
     def push(self, s: torch.Tensor, y: torch.Tensor) -> None:
         if self.s is None:
-            self.s, self.y = s[None], y[None]
-            self.sy, self.yy = torch.dot(s, y).double().reshape(1, 1), torch.dot(y, y).double().reshape(1, 1)
-            return
-        sy_col, sy_row = (self.s @ y).double(), (self.y @ s).double()     # s_i.y_new, s_new.y_i
-        yy_col = (self.y @ y).double()
-        new = torch.dot(s, y).double().reshape(1, 1)
-        self.sy = torch.cat([torch.cat([self.sy, sy_col[:, None]], 1), torch.cat([sy_row[None], new], 1)])
-        self.yy = torch.cat([torch.cat([self.yy, yy_col[:, None]], 1),
-                             torch.cat([yy_col[None], torch.dot(y, y).double().reshape(1, 1)], 1)])
+            self.s, self.y = s.new_zeros(0, len(s)), y.new_zeros(0, len(y))
+            self.sy = self.yy = torch.zeros(0, 0, dtype=torch.float64, device=s.device)
         self.s, self.y = torch.cat([self.s, s[None]]), torch.cat([self.y, y[None]])
+
+        def grow(m, col, row):  # m [k-1, k-1] -> [k, k] with a new last column and row (sharing the corner)
+            return torch.cat([torch.cat([m, col[:-1, None]], 1), row[None]])
+        self.sy = grow(self.sy, (self.s @ y).double(), (self.y @ s).double())   # sy[i, j] = s_i . y_j
+        self.yy = grow(self.yy, *[(self.y @ y).double()] * 2)
         if len(self.s) > self.size:
             self.s, self.y, self.sy, self.yy = self.s[1:], self.y[1:], self.sy[1:, 1:], self.yy[1:, 1:]
 
