@@ -1,12 +1,14 @@
 """Our L-BFGS probe vs scikit-learn LogisticRegression(lbfgs) on the same cached features.
 
-Features: 512-d random ReLU features of Fashion-MNIST pixels (fixed Gaussian projection, seed 0),
+Features: 512-d random ReLU features of Fashion-MNIST pixels (a fixed Gaussian projection per seed),
 60,000 train / 10,000 test, standardised once with the train statistics and given to both.
 Same objective (mean CE + lam/2 ||W||^2, i.e. C = 1 / (lam n)), same tol on max|grad| (1e-4,
 scikit-learn's default), same max_iter (1000, CLIP's). Target: >= 5x faster, <= 0.3 points lower.
 Ours is also run without the preconditioner (the ablation).
-Both solvers on 1 thread (torch.set_num_threads / threadpoolctl for sklearn's BLAS), three rounds, the
-median ratio is the headline; then both once at their default thread counts.
+Both solvers on 1 thread (torch.set_num_threads / threadpoolctl for sklearn's BLAS), three rounds on three
+projection seeds, the median ratio is the headline: a round varies by the machine's load (~10%) and by the
+seed (L-BFGS's iteration count moves by +-10% with the problem's details); then both once on seed 0 at their
+default thread counts.
 Writes bench/results/linear_probe.json.
 """
 import json
@@ -24,7 +26,7 @@ from threadpoolctl import threadpool_limits
 from mlcd.data import fashion_mnist
 from mlcd.eval.linear_probe import fit_logreg, pick_device
 
-LAM, TOL, MAX_ITER, DIM, SEED = 1e-4, 1e-4, 1000, 512, 0
+LAM, TOL, MAX_ITER, DIM, SEEDS = 1e-4, 1e-4, 1000, 512, (0, 1, 2)
 
 
 def objective(x, y, w, b, lam):
@@ -35,20 +37,25 @@ def objective(x, y, w, b, lam):
     return float(-logp[np.arange(len(y)), y].mean() + 0.5 * lam * (w.astype(np.float64) ** 2).sum())
 
 
-def main():
-    xtr, ytr = fashion_mnist.load("train", download=False)
-    xte, yte = fashion_mnist.load("test", download=False)
-    proj = np.random.default_rng(SEED).standard_normal((784, DIM)).astype(np.float32) / 28
+def random_features(xtr, xte, seed):
+    """ReLU of a fixed Gaussian projection of the pixels, standardised with the train statistics."""
+    proj = np.random.default_rng(seed).standard_normal((784, DIM)).astype(np.float32) / 28
     feats = lambda a: np.maximum(a.reshape(len(a), -1).astype(np.float32) / 255 @ proj, 0)  # noqa: E731
     ftr, fte = feats(xtr), feats(xte)
     mean, std = ftr.mean(0), ftr.std(0) + 1e-6
-    ftr, fte = (ftr - mean) / std, (fte - mean) / std
-    n = len(ftr)
+    return (ftr - mean) / std, (fte - mean) / std
+
+
+def main():
+    xtr, ytr = fashion_mnist.load("train", download=False)
+    xte, yte = fashion_mnist.load("test", download=False)
+    n = len(xtr)
     dev = pick_device("auto")
     default_threads = torch.get_num_threads()
 
-    def run_both(threads, ablation=True):
-        rows = {}
+    def run_both(threads, seed, ablation=True):
+        ftr, fte = random_features(xtr, xte, seed)
+        rows = {"seed": seed}
         torch.set_num_threads(threads)
         t = time.perf_counter()
         clf = fit_logreg(ftr, ytr, 10, LAM, standardize=False, tol=TOL, max_iter=MAX_ITER, device=dev)
@@ -59,7 +66,7 @@ def main():
                         "n_iter": clf.n_iter, "n_evals": clf.n_evals,
                         "objective": objective(ftr, ytr, clf.weight.cpu().numpy(), clf.bias.cpu().numpy(), LAM),
                         "grad_max": clf.info["grad_max"]}
-        print(threads, "ours", rows["ours"], flush=True)
+        print(threads, seed, "ours", rows["ours"], flush=True)
         if ablation:
             t = time.perf_counter()
             plain = fit_logreg(ftr, ytr, 10, LAM, standardize=False, tol=TOL, max_iter=MAX_ITER, device=dev,
@@ -76,37 +83,41 @@ def main():
         rows["sklearn"] = {"seconds": sec, "accuracy": float((sk.predict(fte) == yte).mean() * 100),
                            "n_iter": int(sk.n_iter_[0]),
                            "objective": objective(ftr, ytr, sk.coef_, sk.intercept_, LAM)}
-        print(threads, "sklearn", rows["sklearn"], flush=True)
+        print(threads, seed, "sklearn", rows["sklearn"], flush=True)
         rows["speedup"] = rows["sklearn"]["seconds"] / rows["ours"]["seconds"]
         rows["accuracy_gap_points"] = rows["sklearn"]["accuracy"] - rows["ours"]["accuracy"]
         rows["load_avg_1m_after"] = os.getloadavg()[0]
         return rows
 
-    # The single-thread pair three times (the box is shared: one pair can be off by 15%); headline = median.
-    single = run_both(1)
-    repeats = [single] + [run_both(1, ablation=False) for _ in range(2)]
-    single["rounds"] = [{"ours_s": r["ours"]["seconds"], "sklearn_s": r["sklearn"]["seconds"], "speedup": r["speedup"]}
-                        for r in repeats]
+    # The single-thread pair on three seeds; headline = the median ratio.
+    single = run_both(1, SEEDS[0])
+    repeats = [single] + [run_both(1, seed, ablation=False) for seed in SEEDS[1:]]
+    single["rounds"] = [{"seed": r["seed"], "ours_s": r["ours"]["seconds"], "sklearn_s": r["sklearn"]["seconds"],
+                         "ours_iter": r["ours"]["n_iter"], "sklearn_iter": r["sklearn"]["n_iter"],
+                         "speedup": r["speedup"], "accuracy_gap_points": r["accuracy_gap_points"]} for r in repeats]
     single["median_speedup"] = float(np.median([r["speedup"] for r in repeats]))
-    multi = run_both(default_threads)
+    single["worst_accuracy_gap_points"] = max(r["accuracy_gap_points"] for r in repeats)
+    multi = run_both(default_threads, SEEDS[0])
     torch.set_num_threads(default_threads)
     rows = {"single_thread": single, f"default_threads_{default_threads}": multi}
-    speedup, acc_gap = single["median_speedup"], single["accuracy_gap_points"]
+    speedup, acc_gap = single["median_speedup"], single["worst_accuracy_gap_points"]
     result = {
         "bench": "linear_probe",
         "what": "multinomial logistic regression on cached features: ours (L-BFGS preconditioned by the "
                 "feature covariance, Armijo backtracking, float32, hand-written chunked loss/grad) vs sklearn "
                 "LogisticRegression(solver='lbfgs', float64); ours_no_precondition = the ablation",
-        "features": f"Fashion-MNIST random ReLU features, {n} x {DIM} train, {len(fte)} test, standardised",
+        "features": f"Fashion-MNIST random ReLU features, {n} x {DIM} train, {len(xte)} test, standardised; "
+                    f"projection seeds {list(SEEDS)}",
         "settings": {"lam": LAM, "C_sklearn": 1.0 / (LAM * n), "tol": TOL, "max_iter": MAX_ITER,
                      "ours_history_size": 200, "sklearn_history_size": "10 (scipy default)"},
         "results": rows,
-        "headline": "single_thread (median of 3 rounds)",
+        "headline": "single_thread (median of 3 rounds, one per projection seed; accuracy gap = the worst round)",
         "speedup": speedup,
         "accuracy_gap_points": acc_gap,
         "target": ">= 5x faster at <= 0.3 points lower accuracy",
         "target_met": bool(speedup >= 5 and acc_gap <= 0.3),
-        "target_met_by_setting": {k: bool(v.get("median_speedup", v["speedup"]) >= 5 and v["accuracy_gap_points"] <= 0.3)
+        "target_met_by_setting": {k: bool(v.get("median_speedup", v["speedup"]) >= 5
+                                          and v.get("worst_accuracy_gap_points", v["accuracy_gap_points"]) <= 0.3)
                                   for k, v in rows.items()},
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": default_threads,
                     "load_avg_1m_at_end": os.getloadavg()[0], "platform": platform.platform(),

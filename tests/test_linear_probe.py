@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from mlcd.eval import evaluate, fit_logreg, knn_predict, search_lam
@@ -214,6 +215,22 @@ def test_open_clip_features_agree_with_open_clip_forward():
     assert pooled(x).shape == (2, bb.model.transformer.width)
     torch.testing.assert_close(pooled(x) @ bb.model.proj, bb(x), rtol=1e-4, atol=1e-4)
     assert isinstance(open_clip.__version__, str)
+
+
+def test_chunked_loss_and_gradient_equal_autograd():
+    """The hand-written loss/gradient (in-place softmax, chunks that do not divide n) == float64 autograd."""
+    from mlcd.eval.linear_probe import _loss_and_grad
+    torch.manual_seed(0)
+    x, y = torch.randn(1000, 24), torch.randint(0, 7, (1000,))
+    w, b, lam = torch.randn(7, 24), torch.randn(7), 1e-2
+    wd, bd = w.double().requires_grad_(), b.double().requires_grad_()
+    ref = F.cross_entropy(x.double() @ wd.T + bd, y) + 0.5 * lam * (wd ** 2).sum()
+    ref.backward()
+    for chunk in (1000, 333):
+        loss, gw, gb = _loss_and_grad(x, y, w, b, lam, chunk)
+        assert abs(float(loss) - float(ref)) < 1e-6 * float(ref), chunk
+        torch.testing.assert_close(gw.double(), wd.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(gb.double(), bd.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_preconditioning_changes_iterations_not_the_optimum():
