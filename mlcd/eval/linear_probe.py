@@ -96,9 +96,10 @@ def _loss_and_grad(x, y, weight, bias, lam, chunk):
     gb = torch.zeros_like(bias)
     for i in range(0, n, chunk):
         xc, yc = x[i:i + chunk, :], y[i:i + chunk, None]
-        g = torch.addmm(bias, xc, weight.T)                 # logits, then softmax in place:
-        loss -= g.gather(1, yc).sum(dtype=torch.float64)    # (torch's log_softmax over 10-wide rows
-        top = g.amax(1, keepdim=True)                       #  costs 2x this on CPU)
+        # logits, turned into the softmax in place (torch's log_softmax costs 2x this on 10-wide rows on CPU)
+        g = torch.addmm(bias, xc, weight.T)
+        loss -= g.gather(1, yc).sum(dtype=torch.float64)
+        top = g.amax(1, keepdim=True)
         g.sub_(top).exp_()
         total = g.sum(1, keepdim=True)
         loss += (total.log() + top).sum(dtype=torch.float64)
