@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 
 from mlcd import dist
 from mlcd.cluster import assign, extract, kmeans
-from mlcd.cluster.files import expand_shards, save_text
+from mlcd import fileio
+from mlcd.cluster.files import expand_shards
 
 STAGES = ("extract", "kmeans", "assign")
 
@@ -26,7 +27,7 @@ def main(cfg):
         print(OmegaConf.to_yaml(cfg, resolve=True))
         from pathlib import Path
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        save_text(Path(cfg.out_dir) / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        fileio.write_text(Path(cfg.out_dir) / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     dist.barrier()
     if "extract" in cfg.stages:
         extract.run(cfg, cfg_dict, urls, device)

@@ -11,7 +11,7 @@ import argparse
 import torch
 
 from mlcd.models.hf import export_hf, load_hf_model
-from mlcd.train.checkpoint import load_backbone
+from mlcd.models.loading import load_backbone
 
 
 def main(argv=None):

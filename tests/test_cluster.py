@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_dir
 from sklearn.metrics import normalized_mutual_info_score
 
 from mlcd.cluster import assign, kmeans
-from mlcd.cluster.files import load_json, save_json, write_features
+from mlcd.cluster.files import load_json, write_features
+from mlcd import fileio
 from mlcd.cluster.kmeans import size_stats, split_k, train_kmeans
 from mlcd.data.labels import read_shard_labels
 
@@ -187,7 +188,7 @@ def _features(out, n_shards=3, per=400, seed=0):
         part = x[s * per:(s + 1) * per]
         write_features(fdir, stem, part.astype(np.float16), [f"{stem}/{i:05d}" for i in range(len(part))], {})
         urls.append(f"/nowhere/{stem}.tar")
-    save_json(fdir / "manifest.json", {"complete": True, "rows": int(len(x)), "settings": {}})
+    fileio.write_json(fdir / "manifest.json", {"complete": True, "rows": int(len(x)), "settings": {}})
     return urls, x
 
 

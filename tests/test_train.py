@@ -254,7 +254,7 @@ def test_checkpoint_mismatch_is_an_error_naming_the_field(dataset, reference_run
 def test_export_hf_of_trained_checkpoint_loads_in_transformers(reference_run, tmp_path):
     from transformers import CLIPVisionModelWithProjection
 
-    from mlcd.train.checkpoint import load_backbone
+    from mlcd.models.loading import load_backbone
 
     out = tmp_path / "hf"
     proc = subprocess.run([sys.executable, "-m", "mlcd.export_hf", str(reference_run), str(out)], cwd=ROOT,

@@ -83,7 +83,8 @@ def run(cfg, cfg_dict: dict, urls: list[str], device_id=None) -> None:
     from tqdm import tqdm
 
     from mlcd import dist
-    from mlcd.cluster.files import check_same, load_json, read_features, sample_rows, save_json, shard_delay_hook, versions
+    from mlcd.cluster.files import check_same, load_json, read_features, sample_rows, versions
+    from mlcd import fileio
     from mlcd.cluster.kmeans import use_gpu
     from mlcd.cluster.report import update_manifest
     from mlcd.data.labels import has_shard_labels, shard_stem, write_shard_labels
@@ -110,7 +111,7 @@ def run(cfg, cfg_dict: dict, urls: list[str], device_id=None) -> None:
         if old:
             check_same(man_path, old.get("settings", {}), settings, "labels")
         if not old.get("complete"):
-            save_json(man_path, {**old, "settings": settings, "complete": False, "config": cfg_dict})
+            fileio.write_json(man_path, {**old, "settings": settings, "complete": False, "config": cfg_dict})
     dist.barrier()
 
     gpu = use_gpu(cfg.kmeans.gpu)
@@ -162,7 +163,6 @@ def run(cfg, cfg_dict: dict, urls: list[str], device_id=None) -> None:
         write_shard_labels(labels_dir, stem, keys, labels, sims)
         rows, fallback = rows + len(keys), fallback + missing
         bar.set_postfix(img_s=f"{rows / max(time.time() - t0, 1e-9):.0f}")
-        shard_delay_hook()
     dev = torch.device("cuda", device_id) if device_id is not None else torch.device("cpu")  # NCCL: CUDA tensors
     totals = dist.all_reduce_sum(torch.tensor([rows, fallback], dtype=torch.float64, device=dev)).cpu()
     dist.barrier()
@@ -170,8 +170,8 @@ def run(cfg, cfg_dict: dict, urls: list[str], device_id=None) -> None:
         counts = [len((labels_dir / f"{s}.keys.txt").read_text(encoding="utf-8").splitlines()) for s in stems]
         report.update(rows_this_run=int(totals[0]), exact_fallback_rows_this_run=int(totals[1]),
                       assign_s_this_run=time.time() - t0)
-        save_json(labels_dir / "assign_report.json", report)
-        save_json(man_path, {"settings": settings, "complete": True, "config": cfg_dict, "versions": versions(),
+        fileio.write_json(labels_dir / "assign_report.json", report)
+        fileio.write_json(man_path, {"settings": settings, "complete": True, "config": cfg_dict, "versions": versions(),
                              "num_classes": int(len(centers)), "topk": k, "shards": len(stems),
                              "rows": int(sum(counts)), "report": report,
                              "centers": str((out / "centers.npy").resolve())})

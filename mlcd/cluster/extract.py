@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from mlcd import dist
-from mlcd.cluster.files import check_same, has_features, load_json, save_json, shard_delay_hook, versions, write_features
+from mlcd.cluster.files import check_same, has_features, load_json, versions, write_features
+from mlcd import fileio
 from mlcd.cluster.report import update_manifest
 from mlcd.data.labels import shard_stem
 
@@ -118,7 +119,7 @@ def run(cfg, cfg_dict: dict, urls: list[str], device) -> None:
         old = load_json(man_path)
         if old:
             check_same(man_path, old.get("settings", {}), settings, "features")
-        save_json(man_path, {**old, "settings": settings, "complete": False, "config": cfg_dict,
+        fileio.write_json(man_path, {**old, "settings": settings, "complete": False, "config": cfg_dict,
                              "versions": versions()})
     dist.barrier()
 
@@ -135,7 +136,6 @@ def run(cfg, cfg_dict: dict, urls: list[str], device) -> None:
             write_features(fdir, stem, feats, keys, skips)
             n_img += len(keys)
             bar.set_postfix(img_s=f"{n_img / max(time.time() - t0, 1e-9):.1f}")
-            shard_delay_hook()
     dist.barrier()
     if dist.is_main():
         rows, skipped, dim = 0, {}, None
@@ -145,7 +145,7 @@ def run(cfg, cfg_dict: dict, urls: list[str], device) -> None:
             dim = dim or (a.shape[1] if len(a) else None)
             for why, c in load_json(fdir / f"{s}.skips.json").items():
                 skipped[why] = skipped.get(why, 0) + int(c)
-        save_json(man_path, {"settings": settings, "complete": True, "config": cfg_dict, "versions": versions(),
+        fileio.write_json(man_path, {"settings": settings, "complete": True, "config": cfg_dict, "versions": versions(),
                              "shards": len(stems), "rows": rows, "dim": dim, "skipped": skipped,
                              "dtype": "float16", "normalized": True})
         update_manifest(cfg.out_dir, cfg_dict, "extract", {"features_dir": str(fdir), "rows": rows, "dim": dim,

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mlcd import fileio
+
 from mlcd.data.labels import shard_stem
 
 
@@ -35,24 +37,6 @@ def expand_shards(spec) -> list[str]:
     if not urls:
         raise ValueError(f"cluster: shards={spec!r} gives no shard")
     return urls
-
-
-def save_npy(path, arr) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-
-
-def save_text(path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def save_json(path, obj) -> None:
-    save_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def load_json(path) -> dict:
@@ -80,14 +64,6 @@ def versions() -> dict:
     return out
 
 
-def shard_delay_hook() -> None:
-    """Test hook: sleep MLCD_TEST_SHARD_DELAY seconds after each shard, so a test can SIGKILL between shards."""
-    delay = float(os.environ.get("MLCD_TEST_SHARD_DELAY", "0"))
-    if delay:
-        import time
-        time.sleep(delay)
-
-
 def check_same(manifest_path, have: dict, want: dict, what: str) -> None:
     """Fail clearly when an existing output was made with different settings (resume safety)."""
     diff = {k: (have.get(k), v) for k, v in want.items() if k in have and have.get(k) != v}
@@ -113,9 +89,9 @@ def write_features(features_dir, stem: str, feats: np.ndarray, keys: list[str], 
     npy, keys_p = feature_paths(features_dir, stem)
     if len(keys) != len(feats):
         raise ValueError(f"shard {stem}: {len(feats)} feature rows but {len(keys)} keys")
-    save_npy(npy, feats.astype(np.float16))
-    save_json(Path(features_dir) / f"{stem}.skips.json", skips)
-    save_text(keys_p, "".join(k + "\n" for k in keys))
+    fileio.save_npy(npy, feats.astype(np.float16))
+    fileio.write_json(Path(features_dir) / f"{stem}.skips.json", skips)
+    fileio.write_text(keys_p, "".join(k + "\n" for k in keys))
 
 
 def read_features(features_dir, stem: str, mmap: bool = False):

@@ -309,7 +309,8 @@ def run(cfg, cfg_dict: dict, stems: list[str]) -> None:
     """Stage 2, rank 0 only: sample features, train, write centers.npy + kmeans_report.json + PNG."""
     from pathlib import Path
 
-    from mlcd.cluster.files import check_same, load_json, sample_rows, save_json, save_npy, sha256
+    from mlcd.cluster.files import check_same, load_json, sample_rows, sha256
+    from mlcd import fileio
     from mlcd.cluster.report import plot_sizes, update_manifest
 
     out, kc = Path(cfg.out_dir), cfg.kmeans
@@ -343,8 +344,8 @@ def run(cfg, cfg_dict: dict, stems: list[str]) -> None:
         print(f"kmeans: mean cos {rep['final']['mean_cos']:.4f}, empty {rep['final']['empty']}, "
               f"sizes p1/p50/p99 {rep['final']['size_percentiles']['1']:.0f}/"
               f"{rep['final']['size_percentiles']['50']:.0f}/{rep['final']['size_percentiles']['99']:.0f}")
-    save_json(out / "kmeans_report.json", rep)
-    save_npy(out / "centers.npy", centers)
+    fileio.write_json(out / "kmeans_report.json", rep)
+    fileio.save_npy(out / "centers.npy", centers)
     update_manifest(out, cfg_dict, "kmeans", {"settings": settings, "k": k, "d": int(centers.shape[1]),
                                               "sample_rows": int(len(x)), "centers_sha256": sha256(out / "centers.npy"),
                                               "train_s": rep["train_s"], "final": rep.get("final")})

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mlcd.cluster.files import load_json, save_json, versions
+from mlcd.cluster.files import load_json, versions
+from mlcd import fileio
 
 
 def update_manifest(directory, cfg: dict, section: str | None = None, data: dict | None = None) -> dict:
@@ -14,7 +15,7 @@ def update_manifest(directory, cfg: dict, section: str | None = None, data: dict
     man.update(config=cfg, versions=versions(), updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
     if section is not None:
         man[section] = data
-    save_json(path, man)
+    fileio.write_json(path, man)
     return man
 
 

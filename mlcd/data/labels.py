@@ -10,10 +10,11 @@ For a shard `.../NAME.tar` and a labels directory L:
     L/NAME.sims.npy     float32 [n, k], the matching cosine similarities
 plus L/manifest.json written by the stage that produced them.
 """
-import os
 from pathlib import Path
 
 import numpy as np
+
+from mlcd import fileio
 
 
 def shard_stem(url: str) -> str:
@@ -33,12 +34,6 @@ def _paths(labels_dir, stem):
     return d / f"{stem}.keys.txt", d / f"{stem}.labels.npy", d / f"{stem}.sims.npy"
 
 
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-
-
 def write_shard_labels(labels_dir, stem: str, keys, labels: np.ndarray, sims: np.ndarray) -> None:
     """Write one shard's labels atomically (arrays first, keys last: keys.txt marks completion)."""
     labels = np.asarray(labels)
@@ -49,11 +44,9 @@ def write_shard_labels(labels_dir, stem: str, keys, labels: np.ndarray, sims: np
         raise ValueError(f"shard {stem}: a key contains a newline")
     keys_p, labels_p, sims_p = _paths(labels_dir, stem)
     keys_p.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save_npy(labels_p, labels.astype(np.int32))
-    _atomic_save_npy(sims_p, sims)
-    tmp = keys_p.with_name(keys_p.name + ".tmp")
-    tmp.write_text("".join(k + "\n" for k in keys), encoding="utf-8")
-    os.replace(tmp, keys_p)
+    fileio.save_npy(labels_p, labels.astype(np.int32))
+    fileio.save_npy(sims_p, sims)
+    fileio.write_text(keys_p, "".join(k + "\n" for k in keys))
 
 
 def has_shard_labels(labels_dir, stem: str) -> bool:

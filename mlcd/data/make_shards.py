@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mlcd import fileio
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
@@ -172,9 +174,7 @@ class ShardWriter:
             "class_names": list(class_names) if class_names is not None else None,
             "skipped": skipped or {}, "shards": self.shards,
         }
-        tmp = self.out / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, self.out / "manifest.json")
+        fileio.write_json(self.out / "manifest.json", manifest, indent=1)
         return manifest
 
 

@@ -1,7 +1,7 @@
 """Frozen backbones for probing: what image goes in (the backbone's eval transform) and which
 feature comes out.
 
-types:  mlcd      our training checkpoint (mlcd.train.checkpoint.load_backbone)
+types:  mlcd      our training checkpoint (mlcd.models.loading.load_backbone)
         hf        an HF CLIPVisionModel / MLCDVisionModel directory (mlcd.models.hf.import_hf)
         open_clip model name + pretrained tag or file (none: random init, warned)
         random    our ViT at random init from a model config (a baseline)
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torchvision import transforms as T
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from mlcd.data.transforms import CLIP_MEAN, CLIP_STD
+
 FEATURES = ("pooled", "embedding", "patch_mean")
 REPO = Path(__file__).resolve().parents[2]
 
@@ -146,7 +146,7 @@ def build_backbone(cfg, feature: str = "pooled", grayscale: bool = False) -> Bac
         model, tf, ident, fwd = _open_clip(cfg, feature)
         return Backbone(kind, model, tf, feature, ident, fwd)
     if kind == "mlcd":
-        from mlcd.train.checkpoint import load_backbone
+        from mlcd.models.loading import load_backbone
         model, model_cfg = load_backbone(cfg["path"])
         ident = {"path": str(Path(cfg["path"]).resolve()), "sig": path_signature(cfg["path"])}
     elif kind == "hf":

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlcd import fileio
 from mlcd.eval.backbones import build_backbone
 from mlcd.eval.datasets import labels_of, load_dataset, stratified_pick
 from mlcd.eval.features import cached_features
@@ -31,12 +32,6 @@ def _dataset_spec(entry, datasets_root):
         raise ValueError(f"dataset entry {entry!r} has no 'name'")
     spec.setdefault("root", str(Path(datasets_root or ".") / spec["name"]))
     return spec
-
-
-def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def probe_features(xtr, ytr, xval, yval, xte, yte, num_classes, metric, probe=None, knn=None, device=None):
@@ -157,9 +152,9 @@ def evaluate(backbone: dict, datasets, *, feature: str = "pooled", probe: dict |
     if out_dir:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "results.json", json.dumps(results, indent=2, default=str))
-        _write_atomic(out / "results.md", table)
+        fileio.write_text(out / "results.json", json.dumps(results, indent=2, default=str))
+        fileio.write_text(out / "results.md", table)
         if config is not None:
             from omegaconf import OmegaConf
-            _write_atomic(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+            fileio.write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
     return results

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from mlcd import fileio
 from mlcd.eval.backbones import Backbone, identity_key
 
 
@@ -54,10 +55,8 @@ def cached_features(backbone: Backbone, ds, split_id: str, indices, cache_dir, *
     x, y = extract(backbone, ds, indices, desc=split_id, **kw)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, x=x, y=y)
-        os.replace(tmp, path)
     return x, y
 
 

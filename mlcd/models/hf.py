@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
+from mlcd import fileio
+from mlcd.data.transforms import CLIP_MEAN, CLIP_STD
 from mlcd.models import build_model, model_config
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 ROPE_THETA = 10000.0
 _ACTS = ("gelu", "quick_gelu")
 # Checkpoint entries that carry no weights of the vision tower (a full CLIPModel, old buffers).
@@ -229,13 +229,7 @@ def export_hf(model, out_dir) -> Path:
     hf_config.save_pretrained(tmp)
     save_file(to_hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
     image_processor(cfg["image_size"]).save_pretrained(tmp)
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
+    fileio.replace_dir(tmp, out_dir)
     return out_dir
 
 
