@@ -33,7 +33,7 @@ demo: setup
 
 bench: setup
 	for f in bench/*.py; do $(VPY) $$f || exit 1; done
-	$(VPY) -m mlcd.bench_summary
+	$(VPY) bench/summary.py
 
 clean:
 	rm -rf $(VENV) outputs runs

@@ -1,4 +1,7 @@
-"""Train a ViT with the MLCD loss. `torchrun --nproc_per_node=N train.py experiment=demo` or plain `python train.py`."""
+"""Train a ViT with the MLCD loss.
+
+    torchrun --nproc_per_node=N train.py [experiment=laion400m_vitb32] [key=value ...]    (or plain `python train.py`)
+"""
 import hydra
 
 from mlcd.train.loop import train

@@ -28,12 +28,13 @@ def _rss_mb() -> float:
 
 def run_one(num_classes: int, ratio: float, dim: int, batch: int, num_labels: int, steps: int) -> dict:
     from mlcd.partial_fc import PartialFC
+    from mlcd.train.optim import SparseRowAdamW
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base_rss = _rss_mb()
     torch.manual_seed(0)
     pfc = PartialFC(num_classes, dim, sample_ratio=ratio, seed=0).to(device)
-    opt = pfc.make_optimizer(lr=1e-3, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)
+    opt = SparseRowAdamW(pfc.weight, lr=1e-3, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)
     g = torch.Generator().manual_seed(1)
     emb = torch.randn(batch, dim, generator=g).to(device).requires_grad_()
     labels = torch.randint(0, num_classes, (batch, num_labels), generator=g).to(device)

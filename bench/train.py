@@ -21,10 +21,11 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mlcd import fileio  # noqa: E402
 from mlcd.models import build_model  # noqa: E402
 from mlcd.partial_fc import build_partial_fc  # noqa: E402
-from mlcd.train.loop import global_grad_norm  # noqa: E402
-from mlcd.train.optim import build_backbone_optimizer  # noqa: E402
+from mlcd.train.optim import build_backbone_optimizer, build_center_optimizer  # noqa: E402
+from mlcd.train.step import train_step  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0
 
@@ -55,27 +56,14 @@ def main():
     model = build_model(model_cfg).to(device)
     pfc = build_partial_fc(loss_cfg, num_classes, model.embed_dim, seed=0).to(device)
     opt = build_backbone_optimizer(model, optim_cfg)
-    center_opt = pfc.make_optimizer(lr=optim_cfg.lr, weight_decay=optim_cfg.centers_weight_decay,
-                                    betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
+    center_opt = build_center_optimizer(pfc, optim_cfg)
     images = torch.randn(args.batch, 3, model.image_size, model.image_size, device=device)
     labels = torch.randint(0, num_classes, (args.batch, 8), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu)
 
-    def step(i):
-        with autocast:
-            emb = model(images).embedding
-        loss = pfc(emb.float(), labels, i)
-        loss.backward()
-        norm = global_grad_norm(model, pfc)
-        coef = torch.clamp(1.0 / (norm + 1e-6), max=1.0)
-        for p in list(model.parameters()) + list(pfc.parameters()):
-            if p.grad is not None:
-                p.grad.mul_(coef)
-        opt.step()
-        center_opt.step()
-        opt.zero_grad(set_to_none=True)
-        center_opt.zero_grad(set_to_none=True)
-        return loss
+    def step(i):  # the trainer's own step (mlcd/train/step.py): one micro-batch, global-norm clip at 1.0
+        return train_step(model, pfc, opt, center_opt, iter([(images, labels)]), i, grad_accum=1, clip_grad=1.0,
+                          autocast=autocast)
 
     for i in range(args.warmup):
         step(i)
@@ -84,8 +72,7 @@ def main():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for i in range(args.steps):
-        loss = step(args.warmup + i)
-    loss.item()  # waits for the device
+        step(args.warmup + i)  # returns the loss as a Python float: the device is synchronised every step
     seconds = (time.perf_counter() - t0) / args.steps
     images_per_s = args.batch / seconds
     flops = 3 * vit_flops_per_image(model_cfg)  # forward + backward (2x) of the backbone
@@ -102,9 +89,7 @@ def main():
     if gpu:
         result["mfu_vs_h100_bf16_dense"] = result["backbone_tflops_per_s"] / H100_BF16_DENSE_TFLOPS
     out = ROOT / "bench" / "results" / "train.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    fileio.write_json(out, result)
     print(json.dumps(result, indent=2))
 
 

@@ -1,6 +1,6 @@
 """`make demo`: the whole MLCD pipeline on real Fashion-MNIST on a laptop-class CPU.
 
-    python -m mlcd.demo [demo.key=value ...]      (settings: configs/experiment/demo.yaml)
+    python -m mlcd.demo [demo.key=value ...]      (settings: configs/demo.yaml)
 
 Each stage runs as the exact command line it prints, so any stage can be re-run (or changed) by hand:
 shards -> cluster.py -> torchrun train.py -> eval_linear_probe.py (4 backbones) -> table + plots.
@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "experiment" / "demo.yaml"
+CONFIG = REPO / "configs" / "demo.yaml"
 
 
 def run(cmd: list[str], log: list) -> None:
@@ -34,23 +34,6 @@ def shard_pattern(shard_dir: Path, prefix: str) -> str:
     manifest = json.loads((shard_dir / "manifest.json").read_text())
     n = len(manifest["shards"])
     return str(shard_dir / f"{prefix}-{{000000..{n - 1:06d}}}.tar")
-
-
-def plot_loss(metrics: Path, out_png: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    ax.set_xlabel("step")
-    ax.set_ylabel("MLCD loss")
-    ax.set_title("demo: MLCD training loss (tiny ViT, Fashion-MNIST)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None) -> dict:
@@ -99,8 +82,7 @@ def main(argv=None) -> dict:
         result = json.loads((out / "results.json").read_text())["datasets"]["fashion_mnist"]
         rows.append({"backbone": name, "linear_probe_top1": result["linear_probe"], "knn_top1": result["knn"]})
 
-    # 5. Plots and the table
-    plot_loss(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+    # 5. The table (train.py wrote the loss curve)
     table = ["| backbone | linear probe top-1 | kNN top-1 |", "|---|---|---|"]
     table += [f"| {r['backbone']} | {r['linear_probe_top1']:.2f} | {r['knn_top1']:.2f} |" for r in rows]
     summary = {"rows": rows, "stages": timings, "total_seconds": round(time.time() - t_start, 1),

@@ -32,6 +32,7 @@ import torch.distributed as dist
 KINDS = ("mlcd", "mlc", "single")
 MARGIN_TYPES = ("arcface", "cosface")
 ARC_EPS = 1e-6
+SCALE, MARGIN = 64.0, 0.3  # defaults: s from RICE §4.1 (same authors; the MLCD paper does not state it), m App. A.1.2
 
 
 def label_error(labels, num_classes: int) -> str | None:
@@ -165,7 +166,7 @@ class _MarginLSE(torch.autograd.Function):
         return grad[:, :n].to(dtype), None, None, None, None, None, None, None
 
 
-def margin_lse(cos, pos_cols, valid, kind="mlcd", scale=64.0, m=0.3, margin_type="arcface", distributed=False):
+def margin_lse(cos, pos_cols, valid, kind="mlcd", scale=SCALE, m=MARGIN, margin_type="arcface", distributed=False):
     """The loss from cosines [B, n] of this rank's columns.
 
     pos_cols: int64 [B, l], the column in `cos` of each of the sample's positives, -1 where the label is padding, a
@@ -185,10 +186,43 @@ def prepare_labels(labels: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch
     return labels, (labels >= 0).any(1)
 
 
-def dense_margin_loss(embeddings, centers, labels, kind="mlcd", scale=64.0, m=0.3, margin_type="arcface"):
+def dense_margin_loss(embeddings, centers, labels, kind="mlcd", scale=SCALE, m=MARGIN, margin_type="arcface"):
     """Single process, all classes present: L2-normalise, cosine logits, then the loss. For small problems and tests."""
     check_labels(labels, centers.shape[0])
     labels, valid = prepare_labels(labels, kind)
     e = torch.nn.functional.normalize(embeddings.float(), dim=1)
     w = torch.nn.functional.normalize(centers.float(), dim=1)
     return margin_lse(e @ w.t(), labels, valid, kind, scale, m, margin_type)
+
+
+def reference_loss(emb, centers, labels, kind="mlcd", s=SCALE, m=MARGIN, margin_type="arcface", classes=None):
+    """The paper's equations written out in plain autograd, one sample at a time: the oracle the fused
+    `_MarginLSE` is tested against (call it in float64; plain sums of exponentials, no shift, e^64 fits).
+
+    classes: the class ids present in the classifier (default all, e.g. PartialFC's sampled columns); a sample's
+    negatives are the present classes that are not among its own labels.
+    """
+    e = emb / emb.norm(dim=1, keepdim=True)
+    w = centers / centers.norm(dim=1, keepdim=True)
+    cos = e @ w.t()
+    present = list(range(centers.shape[0])) if classes is None else sorted(int(c) for c in classes)
+
+    def phi(c):
+        return torch.cos(torch.acos(c) + m) if margin_type == "arcface" else c - m
+
+    losses = []
+    for row, labs in zip(cos, labels.tolist()):
+        own = [x for x in ([labs[0]] if kind == "single" else sorted(set(labs))) if x >= 0]
+        if not own:
+            continue                                                    # no label: out of the mean
+        pos = s * phi(row[own])                                         # s * phi(c_i), i in P
+        neg = s * row[[j for j in present if j not in own]]             # s * c_j, j in N
+        if kind == "mlcd":                                              # Eq. 5
+            losses.append(torch.log(1 + torch.exp(-pos).sum()) + torch.log(1 + torch.exp(neg).sum()))
+        elif kind == "mlc":                                             # Eq. 4
+            losses.append(torch.log(1 + torch.exp(neg).sum() * torch.exp(-pos).sum()))
+        else:                                                           # softmax CE, margin on the target
+            losses.append(torch.log(torch.exp(pos[0]) + torch.exp(neg).sum()) - pos[0])
+    if not losses:
+        return (emb.sum() + centers.sum()) * 0
+    return torch.stack(losses).mean()

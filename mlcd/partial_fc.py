@@ -28,7 +28,7 @@ all-reduce without division).
 
 Update semantics (sparse): the sampled rows are read (and L2-normalised) by `_NormalizedRows`, whose gradient is a
 sparse COO tensor whose rows are exactly the rows sampled since the last zero_grad (the union over gradient-
-accumulation micro-steps). `make_optimizer` returns `SparseRowAdamW`, which AdamW-updates only those rows, with a
+accumulation micro-steps). `mlcd.train.optim.SparseRowAdamW` AdamW-updates only those rows, with a
 per-row step count for bias correction, and leaves every other row and its moments bit-identical: no weight decay
 or momentum drift on classes that were not sampled (unlike insightface PartialFC_V2's dense gradient).
 """
@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mlcd import dist as mdist
-from mlcd.loss import KINDS, MARGIN_TYPES, label_error, margin_lse, prepare_labels
+from mlcd.loss import KINDS, MARGIN, MARGIN_TYPES, SCALE, label_error, margin_lse, prepare_labels
 
 BUDGETS = ("ratio", "total")
 
@@ -127,7 +127,7 @@ class _NormalizedRows(torch.autograd.Function):
         return torch.sparse_coo_tensor(index[None], grad, ctx.shape, is_coalesced=True, check_invariants=False), None
 
 
-def _sparse_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, values) of a sparse row gradient with duplicate rows summed. One micro-step's gradient is already
     sorted and unique (autograd just drops the flag when it stores it), so coalesce()'s sort is skipped then."""
     rows = grad._indices()[0]
@@ -147,8 +147,8 @@ def _gather_plain(x: torch.Tensor, world_size: int) -> torch.Tensor:
 class PartialFC(torch.nn.Module):
     """This rank's block of the [C, D] class-center matrix and the sampled margin loss over the global batch."""
 
-    def __init__(self, num_classes: int, embed_dim: int, kind: str = "mlcd", scale: float = 64.0,
-                 margin: float = 0.3, margin_type: str = "arcface", sample_ratio: float = 0.1,
+    def __init__(self, num_classes: int, embed_dim: int, kind: str = "mlcd", scale: float = SCALE,
+                 margin: float = MARGIN, margin_type: str = "arcface", sample_ratio: float = 0.1,
                  budget: str = "ratio", seed: int = 0, ddp_average: bool = True,
                  rank: int | None = None, world_size: int | None = None):
         super().__init__()
@@ -232,16 +232,13 @@ class PartialFC(torch.nn.Module):
         return margin_lse(cos, pos_cols, valid, self.kind, self.scale, self.margin, self.margin_type,
                           distributed=world > 1)
 
-    # ---- optimizer, clipping, checkpoints ---------------------------------------------------------------------
-    def make_optimizer(self, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
-        return SparseRowAdamW(self.weight, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
-
+    # ---- clipping, checkpoints ---------------------------------------------------------------------
     def grad_sq_norm(self) -> torch.Tensor:
         """Squared norm of this shard's gradient (all-reduce SUM it with the others' for a global clip norm)."""
         g = self.weight.grad
         if g is None:
             return torch.zeros((), device=self.weight.device)
-        values = _sparse_rows(g)[1] if g.is_sparse else g
+        values = sparse_rows(g)[1] if g.is_sparse else g
         return values.float().pow(2).sum()
 
     def get_extra_state(self) -> dict:
@@ -252,105 +249,13 @@ class PartialFC(torch.nn.Module):
         mine = self.get_extra_state()
         if state != mine:
             raise ValueError(f"center shard mismatch: the state is {state} but this module is {mine}; "
-                             "use mlcd.partial_fc.reshard to change the world size")
-
-
-class SparseRowAdamW(torch.optim.Optimizer):
-    """AdamW for a center shard whose gradient is a sparse COO tensor: only the rows present in the gradient
-    (sampled since the last step) are updated -- decoupled weight decay, moments and a per-row step count for bias
-    correction, exactly torch.optim.AdamW's formula applied to each such row as if it had been stepped alone.
-    Rows absent from the gradient, and their moments and step counts, are not touched. State (exp_avg, exp_avg_sq:
-    [n, D]; row_step: int64 [n]) is allocated up front so a checkpoint always holds it."""
-
-    chunk_elems = 2**24  # rows are updated in chunks of this many elements: bounded temporaries at 1M x 512
-
-    def __init__(self, weight: torch.Tensor, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
-                 eps: float = 1e-8):
-        super().__init__([weight], dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps))
-        self.state[weight] = {"exp_avg": torch.zeros_like(weight, memory_format=torch.contiguous_format),
-                              "exp_avg_sq": torch.zeros_like(weight, memory_format=torch.contiguous_format),
-                              "row_step": torch.zeros(weight.shape[0], dtype=torch.int64, device=weight.device)}
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, wd, (beta1, beta2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if not p.grad.is_sparse:
-                    raise TypeError("SparseRowAdamW expects the sparse row gradient produced by PartialFC.forward")
-                all_rows, all_grads = _sparse_rows(p.grad)
-                st = self.state[p]
-                chunk = max(1, self.chunk_elems // max(1, p.shape[1]))
-                for i in range(0, all_rows.numel(), chunk):
-                    rows, grad = all_rows[i:i + chunk], all_grads[i:i + chunk]
-                    t = st["row_step"][rows] + 1
-                    st["row_step"][rows] = t
-                    w = p[rows].mul_(1 - lr * wd)
-                    m = st["exp_avg"][rows].lerp_(grad, 1 - beta1)
-                    v = st["exp_avg_sq"][rows].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                    t = t.double()[:, None]
-                    step_size = (lr / (1 - beta1 ** t)).to(grad.dtype)
-                    bc2_sqrt = (1 - beta2 ** t).sqrt().to(grad.dtype)
-                    w.sub_(m / (v.sqrt() / bc2_sqrt).add_(eps) * step_size)
-                    st["exp_avg"][rows] = m
-                    st["exp_avg_sq"][rows] = v
-                    p[rows] = w
-        return loss
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        p = self.param_groups[0]["params"][0]
-        st = state_dict["state"].get(0, {})
-        for key, shape in (("exp_avg", tuple(p.shape)), ("exp_avg_sq", tuple(p.shape)), ("row_step", (p.shape[0],))):
-            if key not in st or tuple(st[key].shape) != shape:
-                raise ValueError(f"center optimizer state: {key} is "
-                                 f"{tuple(st[key].shape) if key in st else 'missing'}, expected {shape}")
-        row_step = st["row_step"].to(device=p.device, dtype=torch.int64)
-        super().load_state_dict(state_dict)
-        self.state[p]["row_step"] = row_step                           # keep int64 (the base class casts to float)
-
-
-def reshard(rank_states: list, new_world_size: int) -> list:
-    """Re-split per-rank states {"shard": PartialFC.state_dict(), "optim": SparseRowAdamW.state_dict()} (optim
-    optional) saved at world size len(rank_states) into `new_world_size` states: concatenate in rank order, split
-    by the contiguous-block rule. Weights, both moments and the row step counts move with their rows. Pure."""
-    old_world = len(rank_states)
-    infos = [s["shard"]["_extra_state"] for s in rank_states]
-    num_classes = infos[0]["num_classes"]
-    for r, info in enumerate(infos):
-        if info["rank"] != r or info["world_size"] != old_world or info["num_classes"] != num_classes:
-            raise ValueError(f"reshard: state {r} is {info}, expected rank {r} of {old_world} with C={num_classes}")
-    full = {"weight": torch.cat([s["shard"]["weight"] for s in rank_states])}
-    if full["weight"].shape[0] != num_classes:
-        raise ValueError(f"reshard: shards hold {full['weight'].shape[0]} rows in total, expected {num_classes}")
-    has_optim = all("optim" in s for s in rank_states)
-    if has_optim:
-        for key in ("exp_avg", "exp_avg_sq", "row_step"):
-            full[key] = torch.cat([s["optim"]["state"][0][key] for s in rank_states])
-    spec = ShardSpec(num_classes, new_world_size)
-    out = []
-    for r in range(new_world_size):
-        start, n = spec.bounds(r)
-        rows = {k: v[start:start + n].clone() for k, v in full.items()}
-        info = {"num_classes": num_classes, "world_size": new_world_size, "rank": r, "start": start, "n_local": n}
-        state = {"shard": {"weight": rows["weight"], "_extra_state": info}}
-        if has_optim:
-            groups = [{**g} for g in rank_states[0]["optim"]["param_groups"]]
-            state["optim"] = {"state": {0: {k: rows[k] for k in ("exp_avg", "exp_avg_sq", "row_step")}},
-                              "param_groups": groups}
-        out.append(state)
-    return out
+                             "use mlcd.train.checkpoint.reshard to change the world size")
 
 
 def build_partial_fc(loss_cfg, num_classes: int, embed_dim: int, seed: int) -> PartialFC:
     """From a configs/loss/*.yaml mapping."""
     get = loss_cfg.get
-    return PartialFC(num_classes, embed_dim, kind=get("kind", "mlcd"), scale=get("scale", 64.0),
-                     margin=get("margin", 0.3), margin_type=get("margin_type", "arcface"),
+    return PartialFC(num_classes, embed_dim, kind=get("kind", "mlcd"), scale=get("scale", SCALE),
+                     margin=get("margin", MARGIN), margin_type=get("margin_type", "arcface"),
                      sample_ratio=get("sample_ratio", 0.1), budget=get("budget", "ratio"), seed=seed,
                      ddp_average=get("ddp_average", True))

@@ -54,8 +54,8 @@ def args(tmp, out):
             "kmeans.max_points_per_centroid=1000", "kmeans.gpu=false", "assign.topk=3"]
 
 
-def env(delay=0.0):
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "MLCD_TEST_SHARD_DELAY": str(delay)}
+def env():
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     e.pop("WORLD_SIZE", None)
     return e
 
@@ -130,10 +130,11 @@ def test_sigkill_and_resume_is_byte_identical(reference):
     tmp, ref = reference
     out = tmp / "killed"
     cmd = [sys.executable, "cluster.py", *args(tmp, out)]
-    run_and_kill(cmd, env(delay=0.5), out / "features", "*.keys.txt", tmp / "kill1.log")  # mid-extract
+    slow = [sys.executable, "tests/slow_launch.py", "0.5", "cluster.py", *args(tmp, out)]  # 0.5 s after each shard
+    run_and_kill(slow, env(), out / "features", "*.keys.txt", tmp / "kill1.log")  # mid-extract
     done = len(list((out / "features").glob("*.keys.txt")))
     assert 1 <= done < N_SHARDS and not (out / "centers.npy").exists()
-    run_and_kill(cmd, env(delay=0.5), out / "labels", "*.keys.txt", tmp / "kill2.log")  # mid-assign
+    run_and_kill(slow, env(), out / "labels", "*.keys.txt", tmp / "kill2.log")  # mid-assign
     done = len(list((out / "labels").glob("*.keys.txt")))
     assert 1 <= done < N_SHARDS
     run(cmd, env(), tmp / "resume.log")

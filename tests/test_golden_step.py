@@ -19,7 +19,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from test_train import _write_dataset  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "golden" / "demo_20_steps.json"
-OVERRIDES = {"train.total_steps": 20, "train.global_batch_size": 32, "train.ckpt_every": 10, "train.log_every": 1,
+OVERRIDES = {"train.total_steps": 20, "train.global_batch_size": 32, "train.ckpt_every": 10, "data.segment_steps": 10,
+             "train.log_every": 1,
              "train.progress_bar": False, "data.num_workers": 0, "data.shuffle_buffer": 64, "num_classes": 23,
              "logging.wandb.mode": "disabled", "seed": 5}
 

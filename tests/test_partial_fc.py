@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import dist_partial_fc_worker as worker
-from mlcd.partial_fc import PartialFC, ShardSpec, build_partial_fc, reshard, sample_seed
+from mlcd.partial_fc import PartialFC, ShardSpec, build_partial_fc, sample_seed
+from mlcd.train.checkpoint import reshard
+from mlcd.train.optim import SparseRowAdamW
 from test_loss import assert_close, reference_grads, reference_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +145,7 @@ def test_sparse_adamw_untouched_rows_bit_identical_and_touched_rows_match_adamw(
     C, D, steps, micro = 60, 5, 4, 2
     opt_kw = dict(lr=0.01, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
     pfc = _pfc(C, D, ratio=0.05, seed=1)
-    opt = pfc.make_optimizer(**opt_kw)
+    opt = SparseRowAdamW(pfc.weight, **opt_kw)
     opt.chunk_elems = 3 * D                                               # several row chunks per step
     w0 = pfc.weight.detach().clone()
     # reference: one torch.optim.AdamW per row, stepped only when that row was touched, with the same gradient
@@ -182,7 +184,7 @@ def test_sparse_adamw_untouched_rows_bit_identical_and_touched_rows_match_adamw(
 
 def test_optimizer_is_scheduler_drivable_and_state_round_trips():
     pfc = _pfc(20, 4, ratio=0.5)
-    opt = pfc.make_optimizer(lr=0.1, weight_decay=0.05)
+    opt = SparseRowAdamW(pfc.weight, lr=0.1, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
     pfc(torch.randn(4, 4), torch.tensor([[1, 2], [3, -1], [5, 6], [7, 7]]), 0).backward()
     opt.step()
@@ -190,7 +192,7 @@ def test_optimizer_is_scheduler_drivable_and_state_round_trips():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05) and opt.param_groups[0]["weight_decay"] == 0.05
     sd = {"shard": pfc.state_dict(), "optim": opt.state_dict()}
     pfc2 = _pfc(20, 4, ratio=0.5)
-    opt2 = pfc2.make_optimizer(lr=1.0)
+    opt2 = SparseRowAdamW(pfc2.weight, lr=1.0)
     pfc2.load_state_dict(sd["shard"])
     opt2.load_state_dict(sd["optim"])
     assert torch.equal(pfc2.weight, pfc.weight)
@@ -199,7 +201,7 @@ def test_optimizer_is_scheduler_drivable_and_state_round_trips():
     with pytest.raises(ValueError, match="center shard mismatch"):
         _pfc(20, 4, rank=1, world=2).load_state_dict(_pfc(20, 4, rank=0, world=2).state_dict())
     with pytest.raises(ValueError, match="exp_avg"):
-        _pfc(21, 4).make_optimizer(lr=1.0).load_state_dict(sd["optim"])
+        SparseRowAdamW(_pfc(21, 4).weight, lr=1.0).load_state_dict(sd["optim"])
 
 
 def test_reshard_round_trip_exact():
@@ -207,7 +209,7 @@ def test_reshard_round_trip_exact():
     states = []
     for r in range(2):
         pfc = _pfc(C, D, ratio=0.5, rank=r, world=2)
-        opt = pfc.make_optimizer(lr=0.1)
+        opt = SparseRowAdamW(pfc.weight, lr=0.1)
         st = opt.state[pfc.weight]
         for key in ("exp_avg", "exp_avg_sq"):
             st[key].normal_()
@@ -236,7 +238,7 @@ def _check_reshard(states, C):
     for r, s in enumerate(three):
         pfc = _pfc(C, before["weight"].shape[1], rank=r, world=3)
         pfc.load_state_dict(s["shard"])
-        pfc.make_optimizer(lr=0.1).load_state_dict(s["optim"])
+        SparseRowAdamW(pfc.weight, lr=0.1).load_state_dict(s["optim"])
     with pytest.raises(ValueError):
         reshard(states[::-1], 3)
 
@@ -343,7 +345,7 @@ def test_distributed_optimizer_steps_and_reshard(dist_run):
     inp = worker.case_inputs()
     # r = 1: three sparse-AdamW steps at world W give the world-1 weights and moments
     pfc = worker.make_pfc(inp)
-    opt = pfc.make_optimizer(**worker.OPT)
+    opt = SparseRowAdamW(pfc.weight, **worker.OPT)
     lin = torch.nn.Linear(worker.DIN, worker.D)
     lin.weight.data.copy_(inp["lin_w"])
     lin.bias.data.copy_(inp["lin_b"])

@@ -3,6 +3,7 @@ resume at another world size re-shards the centers, accumulation matches the big
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -71,9 +72,10 @@ def _overrides(dataset, out_dir, **extra):
     return [f"{k}='{v}'" if isinstance(v, str) and "{" in v else f"{k}={v}" for k, v in args.items()]
 
 
-def _torchrun(nproc, overrides, timeout=240, wait=True, **env_extra):
+def _torchrun(nproc, overrides, timeout=240, wait=True, step_delay=0.0, **env_extra):
+    script = [str(ROOT / "tests" / "slow_launch.py"), str(step_delay), "train.py"] if step_delay else [str(ROOT / "train.py")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "train.py"), *overrides]
+           *script, *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env_extra}
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -124,7 +126,7 @@ def test_two_rank_run_loss_falls(reference_run):
 def test_kill9_then_resume_is_bitwise_exact(dataset, reference_run, tmp_path):
     # 0.4 s per step after the math: the 8 steps after the first checkpoint take >= 3.2 s, so the kill below
     # lands in steps 5..8 however fast the machine is
-    proc = _torchrun(2, _overrides(dataset, tmp_path), wait=False, MLCD_TEST_STEP_DELAY="0.4")
+    proc = _torchrun(2, _overrides(dataset, tmp_path), wait=False, step_delay=0.4)
     ckpt_root = tmp_path / "checkpoints"
     deadline = time.time() + 180
     while not (ckpt_root / "step-00000004").exists():  # kill once the first checkpoint landed (mid-run)
@@ -152,8 +154,8 @@ def test_kill9_then_resume_is_bitwise_exact(dataset, reference_run, tmp_path):
 
 @pytest.mark.parametrize("new_world", [1, 3])
 def test_resume_at_other_world_size_reshards(dataset, reference_run, tmp_path, new_world):
-    from mlcd.partial_fc import reshard
     from mlcd.train import checkpoint
+    from mlcd.train.checkpoint import reshard
 
     src = reference_run / "checkpoints" / "step-00000008"
     saved = checkpoint.load_center_states(src, 2)
@@ -307,3 +309,75 @@ def test_init_from_other_architecture_names_the_field(reference_run):
     cfg = {**json.loads((src / "manifest.json").read_text())["model"], "width": 48, "heads": 2}
     with pytest.raises(ValueError, match="model.width is 32 there but 48"):
         checkpoint.init_backbone_from(build_model(cfg), src, cfg)
+
+
+def test_checkpoint_cadence_does_not_change_the_data_stream(dataset, tmp_path):
+    """Checkpoints every 3 or every 5 steps give the same run: data segments have their own length."""
+    def losses(name, every):
+        _run_inprocess(_compose(dataset, tmp_path / name, **{"train.total_steps": 8, "train.ckpt_every": every,
+                                                            "train.log_every": 1, "data.segment_steps": 4}))
+        return [json.loads(l)["loss"] for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert losses("a", 3) == losses("b", 5)
+
+
+def test_resume_inside_a_data_segment_is_exact(dataset, tmp_path):
+    """A 1-process run resumed from its step-3 checkpoint (segments of 4: mid-segment) ends bitwise equal."""
+    common = {"train.total_steps": 6, "train.ckpt_every": 3, "train.log_every": 1, "data.segment_steps": 4}
+    _run_inprocess(_compose(dataset, tmp_path / "full", **common))
+    _run_inprocess(_compose(dataset, tmp_path / "cut", **{**common, "train.total_steps": 3}))
+    _run_inprocess(_compose(dataset, tmp_path / "cut", **common))
+    _, bb_full, sh_full = _final_state(tmp_path / "full", 6)
+    _, bb_cut, sh_cut = _final_state(tmp_path / "cut", 6)
+    assert all(torch.equal(bb_full[k], bb_cut[k]) for k in bb_full)
+    assert torch.equal(_full_centers(sh_full), _full_centers(sh_cut))
+    rows = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref]
+    assert rows[-1]["skipped/bad_image"] == ref[-1]["skipped/bad_image"]  # replayed batches are not re-counted
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_resume_reads_only_the_overlapping_center_shards(reference_run, new_world, monkeypatch):
+    """Each new rank's state equals the full reshard's, and only the old shards holding its rows are opened."""
+    from mlcd.models.loading import read_manifest
+    from mlcd.train import checkpoint
+
+    src = reference_run / "checkpoints" / "step-00000008"
+    manifest = read_manifest(src)
+    full = checkpoint.reshard(checkpoint.load_center_states(src, 2), new_world)
+    opened = []
+    real_load = checkpoint._load
+    monkeypatch.setattr(checkpoint, "_load", lambda path, mmap=False: opened.append(Path(path).name) or real_load(path, mmap))
+    for r in range(new_world):
+        opened.clear()
+        got = checkpoint.load_center_shard(src, manifest, r, new_world)
+        assert got["shard"]["_extra_state"] == full[r]["shard"]["_extra_state"]
+        assert torch.equal(got["shard"]["weight"], full[r]["shard"]["weight"])
+        for key in ("exp_avg", "exp_avg_sq", "row_step"):
+            assert torch.equal(got["optim"]["state"][0][key], full[r]["optim"]["state"][0][key]), key
+        start, n = full[r]["shard"]["_extra_state"]["start"], full[r]["shard"]["_extra_state"]["n_local"]
+        want = [f"centers-rank{o:05d}.pt" for o in range(2) if max(start, 12 * o) < min(start + n, 12 * o + (12 if o == 0 else 11))]
+        assert sorted(opened) == want, (r, opened)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train.precision", "bf61", "train.precision='bf61'"),
+    ("train.precision", "fp16", "fp16 is not supported"),
+    ("logging.wandb.mode", "ofline", "logging.wandb.mode='ofline'"),
+])
+def test_bad_settings_are_refused_before_any_work(dataset, tmp_path, key, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _run_inprocess(_compose(dataset, tmp_path / "run", **{key: value}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_wandb_mode_from_the_environment_unless_the_config_says(monkeypatch):
+    from mlcd.train.loop import resolve_wandb_mode
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_wandb_mode(None) == "disabled"
+    assert resolve_wandb_mode("offline") == "offline"
+    monkeypatch.setenv("WANDB_MODE", "bogus")
+    with pytest.raises(ValueError, match="WANDB_MODE='bogus'"):
+        resolve_wandb_mode(None)
+    monkeypatch.delenv("WANDB_MODE")
+    assert resolve_wandb_mode(None) == "offline"

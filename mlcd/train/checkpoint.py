@@ -3,15 +3,17 @@
     step-00001000/
       manifest.json            step, world size, class count, embed dim, shard table, model + full config
       backbone.safetensors     backbone weights (unwrapped from DDP)
-      trainer.pt               backbone optimizer state, step, counters (identical on every rank)
+      trainer.pt               backbone optimizer state and counters (identical on every rank)
       centers-rank00000.pt     this rank's class-center shard + its optimizer state (sparse AdamW moments)
       rng-rank00000.pt         this rank's RNG streams (restored only at the same world size)
 
-A directory named `step-*` is complete by construction (the rename happens after every rank wrote
-and rank 0 wrote the manifest); `.tmp-*` leftovers from a killed run are ignored and cleaned up.
+A directory named `step-*` is complete by construction (the rename happens after every rank wrote and rank 0
+wrote the manifest); `.tmp-*` leftovers from a killed run are ignored and replaced.
+
+Nothing is unpickled as code: the .pt files hold only tensors, numbers, strings and containers and are read with
+torch.load(weights_only=True). A rank resuming at another world size reads only the rows it will hold: the old
+shards are memory-mapped and sliced, so its peak memory is its new shard, not the whole [C, D] matrix.
 """
-import json
-import os
 import random
 import shutil
 import time
@@ -19,40 +21,48 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from mlcd import dist
+from mlcd import dist, fileio
+from mlcd.models.loading import BACKBONE, MANIFEST, find_checkpoint, list_checkpoints, load_backbone_weights, read_manifest
+from mlcd.partial_fc import ShardSpec
 
-MANIFEST = "manifest.json"
+__all__ = ["save", "restore", "init_from", "resolve_resume", "find_checkpoint", "list_checkpoints", "read_manifest",
+           "load_center_shard", "load_center_states", "reshard", "check_compatible"]
+_MOMENTS = ("exp_avg", "exp_avg_sq", "row_step")
 
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def list_checkpoints(ckpt_root) -> list[Path]:
-    """Complete checkpoints under `ckpt_root`, oldest first."""
-    root = Path(ckpt_root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / MANIFEST).exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+def _centers_file(ckpt_dir, rank: int) -> Path:
+    return Path(ckpt_dir) / f"centers-rank{rank:05d}.pt"
 
 
+def _load(path, mmap: bool = False):
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+# ---------------------------------------------------------------------------------------------- RNG
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every RNG stream of this process, as tensors and plain numbers (weights_only-loadable)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ---------------------------------------------------------------------------------------------- save
 def save(ckpt_root, step: int, backbone: torch.nn.Module, backbone_opt, pfc, center_opt,
          trainer_state: dict, manifest: dict, keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the final directory."""
@@ -64,32 +74,23 @@ def save(ckpt_root, step: int, backbone: torch.nn.Module, backbone_opt, pfc, cen
         tmp.mkdir(parents=True)
     dist.barrier()
     r = dist.rank()
-    torch.save({"shard": pfc.state_dict(), "optim": center_opt.state_dict()}, tmp / f"centers-rank{r:05d}.pt")
+    torch.save({"shard": pfc.state_dict(), "optim": center_opt.state_dict()}, _centers_file(tmp, r))
     torch.save(rng_state(), tmp / f"rng-rank{r:05d}.pt")
     if dist.is_main():
-        save_file({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()},
-                  str(tmp / "backbone.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}, str(tmp / BACKBONE))
         torch.save({"optim": backbone_opt.state_dict(), **trainer_state}, tmp / "trainer.pt")
     dist.barrier()
     if dist.is_main():
-        manifest = {**manifest, "step": step, "world_size": dist.world_size(), "time": time.time()}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if final.exists():  # re-saving the same step (e.g. the final save right after a periodic one)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        fileio.write_json(tmp / MANIFEST, {**manifest, "step": step, "world_size": dist.world_size(),
+                                           "time": time.time()})
+        fileio.replace_dir(tmp, final)  # re-saving a step (the final save right after a periodic one) replaces it
         for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
 
-def read_manifest(ckpt_dir) -> dict:
-    path = Path(ckpt_dir) / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"{ckpt_dir}: not a complete checkpoint ({MANIFEST} missing)")
-    return json.loads(path.read_text())
-
-
+# ---------------------------------------------------------------------------------------------- restore
 def check_compatible(manifest: dict, expected: dict, ckpt_dir) -> None:
     """A checkpoint that does not match the config is an error naming the field, never a silent re-init."""
     for key, want in expected.items():
@@ -111,61 +112,41 @@ def resolve_resume(resume, ckpt_root) -> Path | None:
     return path
 
 
-def load_center_states(ckpt_dir, saved_world: int) -> list[dict]:
-    states = []
-    for r in range(saved_world):
-        path = Path(ckpt_dir) / f"centers-rank{r:05d}.pt"
-        if not path.exists():
-            raise FileNotFoundError(f"{ckpt_dir}: center shard {path.name} missing (saved at world size {saved_world})")
-        states.append(torch.load(path, map_location="cpu", weights_only=False))
-    return states
+def restore(ckpt_dir, model, backbone_opt, pfc, center_opt, identity: dict) -> dict:
+    """Resume in one call: check the checkpoint against the config, then load the backbone and its optimizer, this
+    rank's rows of the class centers and their moments (re-split when the world size changed) and, at the same
+    world size, this rank's RNG streams. Returns {"step", "counters", "world_size" (the saved one)}."""
+    manifest = read_manifest(ckpt_dir)
+    check_compatible(manifest, identity, ckpt_dir)
+    model.load_state_dict(load_backbone_weights(ckpt_dir))
+    trainer = _load(Path(ckpt_dir) / "trainer.pt")
+    backbone_opt.load_state_dict(trainer["optim"])
+    state = load_center_shard(ckpt_dir, manifest, pfc.rank, pfc.shard_spec.world_size)
+    pfc.load_state_dict(state["shard"])
+    center_opt.load_state_dict(state["optim"])
+    rng_file = Path(ckpt_dir) / f"rng-rank{pfc.rank:05d}.pt"
+    if manifest["world_size"] == pfc.shard_spec.world_size and rng_file.exists():
+        set_rng_state(_load(rng_file))
+    return {"step": manifest["step"], "counters": trainer["counters"], "world_size": manifest["world_size"]}
 
 
-def load_trainer_state(ckpt_dir) -> dict:
-    return torch.load(Path(ckpt_dir) / "trainer.pt", map_location="cpu", weights_only=False)
-
-
-def load_rng_state(ckpt_dir, rank: int) -> dict | None:
-    path = Path(ckpt_dir) / f"rng-rank{rank:05d}.pt"
-    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
-
-
-def load_backbone_weights(ckpt_dir) -> dict:
-    return load_file(str(Path(ckpt_dir) / "backbone.safetensors"))
-
-
-def load_backbone(ckpt_dir):
-    """(model, model_cfg) from a training checkpoint directory (or a run dir: its newest checkpoint)."""
-    from mlcd.models import build_model
-
-    try:
-        path = find_checkpoint(ckpt_dir)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e} (train one with train.py, or run `make demo` for the default runs/demo)") from None
-    manifest = read_manifest(path)
-    model_cfg = OmegaConf.create(manifest["model"])
-    model = build_model(model_cfg)
-    model.load_state_dict(load_backbone_weights(path))
-    return model.eval(), model_cfg
-
-
-def find_checkpoint(path) -> Path:
-    """A checkpoint directory, or a run directory's newest checkpoint."""
-    path = Path(path)
-    if (path / MANIFEST).exists():
-        return path
-    found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
-    if not found:
-        raise FileNotFoundError(f"{path}: neither a checkpoint nor a run dir with checkpoints/step-*")
-    return found[-1]
+def init_from(src, model, pfc, with_centers: bool, identity: dict) -> str:
+    """Start a new run from another run's weights (the paper's 224 -> 336 fine-tune): its backbone (a learned
+    position embedding resized to the new grid) and, with `with_centers`, its class centers re-split over this
+    world size; optimizers start fresh. Returns a one-line description."""
+    src = find_checkpoint(src)
+    resized = init_backbone_from(model, src, identity["model"])
+    if with_centers:
+        manifest = read_manifest(src)
+        check_compatible(manifest, {k: identity[k] for k in ("num_classes", "embed_dim")}, src)
+        pfc.load_state_dict(load_center_shard(src, manifest, pfc.rank, pfc.shard_spec.world_size)["shard"])
+    return (f"initialised from {src} (backbone{', resized ' + ', '.join(resized) if resized else ''}"
+            f"{', class centers' if with_centers else ''})")
 
 
 def init_backbone_from(model: torch.nn.Module, ckpt_dir, model_cfg: dict) -> list[str]:
-    """Load another run's backbone into `model` for a new run (e.g. the paper's 224 -> 336 fine-tune).
-
-    The architecture must match in everything but `image_size` and the `name` label (an error names the
-    field otherwise); a learned position embedding is resized bicubically to the new patch grid.
-    Returns the resized keys."""
+    """Load another run's backbone into `model`. The architecture must match in everything but `image_size` and
+    the `name` label (an error names the field otherwise). Returns the resized keys."""
     from mlcd.models.vit import resize_pos_embed
 
     manifest = read_manifest(ckpt_dir)
@@ -179,3 +160,85 @@ def init_backbone_from(model: torch.nn.Module, ckpt_dir, model_cfg: dict) -> lis
         resized.append("positional_embedding")
     model.load_state_dict(state)
     return resized
+
+
+# ---------------------------------------------------------------------------------------------- center shards
+def _take_rows(state_of, old: ShardSpec, start: int, n: int) -> tuple[dict, list | None]:
+    """(rows, optimizer param groups): rows [start, start + n) of the full center matrix and of its moments, read
+    from the old shards that overlap them (`state_of(r)` gives old rank r's state; the others are never opened)."""
+    pieces, has_optim = {}, True
+    overlapping = [r for r in range(old.world_size)
+                   if max(start, old.start(r)) < min(start + n, old.start(r) + old.n_local(r))] or [0]
+    for r in overlapping:  # [0] when n == 0: an empty slice of rank 0 gives the shapes
+        st, s = state_of(r), old.start(r)
+        lo = max(start, s) - s
+        hi = max(lo, min(start + n, s + old.n_local(r)) - s)
+        pieces.setdefault("weight", []).append(st["shard"]["weight"][lo:hi])
+        has_optim = has_optim and "optim" in st
+        for key in _MOMENTS if "optim" in st else ():
+            pieces.setdefault(key, []).append(st["optim"]["state"][0][key][lo:hi])
+    rows = {k: torch.cat(v).clone() for k, v in pieces.items() if k == "weight" or has_optim}
+    return rows, state_of(overlapping[0]).get("optim", {}).get("param_groups") if has_optim else None
+
+
+def _shard_state(rows: dict, groups, spec: ShardSpec, rank: int) -> dict:
+    start, n = spec.bounds(rank)
+    info = {"num_classes": spec.num_classes, "world_size": spec.world_size, "rank": rank, "start": start, "n_local": n}
+    state = {"shard": {"weight": rows["weight"], "_extra_state": info}}
+    if groups is not None:
+        state["optim"] = {"state": {0: {k: rows[k] for k in _MOMENTS}}, "param_groups": [{**g} for g in groups]}
+    return state
+
+
+def _check_old_state(state: dict, r: int, old: ShardSpec, where) -> dict:
+    info = state["shard"]["_extra_state"]
+    want = {"num_classes": old.num_classes, "world_size": old.world_size, "rank": r, "start": old.start(r),
+            "n_local": old.n_local(r)}
+    if info != want or state["shard"]["weight"].shape[0] != old.n_local(r):
+        raise ValueError(f"{where}: center shard {r} is {info} with {state['shard']['weight'].shape[0]} rows, "
+                         f"expected {want}")
+    return state
+
+
+def load_center_shard(ckpt_dir, manifest: dict, rank: int, world_size: int) -> dict:
+    """This rank's {"shard", "optim"} state at `world_size`, read from a checkpoint saved at any world size. Only
+    the old shards that overlap this rank's rows are opened, memory-mapped, so only those rows are read."""
+    old = ShardSpec.from_dict(manifest["shards"])
+    opened = {}
+
+    def state_of(r):
+        if r not in opened:
+            path = _centers_file(ckpt_dir, r)
+            if not path.exists():
+                raise FileNotFoundError(f"{ckpt_dir}: center shard {path.name} missing (saved at world size "
+                                        f"{old.world_size})")
+            opened[r] = _check_old_state(_load(path, mmap=True), r, old, ckpt_dir)
+        return opened[r]
+
+    new = ShardSpec(old.num_classes, world_size)
+    rows, groups = _take_rows(state_of, old, *new.bounds(rank))
+    return _shard_state(rows, groups, new, rank)
+
+
+def load_center_states(ckpt_dir, saved_world: int) -> list[dict]:
+    """Every rank's center state as saved (tools and tests; training reads only its own rows)."""
+    out = []
+    for r in range(saved_world):
+        path = _centers_file(ckpt_dir, r)
+        if not path.exists():
+            raise FileNotFoundError(f"{ckpt_dir}: center shard {path.name} missing (saved at world size {saved_world})")
+        out.append(_load(path))
+    return out
+
+
+def reshard(rank_states: list, new_world_size: int) -> list:
+    """Re-split per-rank states {"shard": PartialFC.state_dict(), "optim": SparseRowAdamW.state_dict()} (optim
+    optional) saved at world size len(rank_states) into `new_world_size` states by the contiguous-block rule.
+    Weights, both moments and the row step counts move with their rows. Pure."""
+    num_classes = rank_states[0]["shard"]["_extra_state"]["num_classes"]
+    old = ShardSpec(num_classes, len(rank_states))
+    for r, state in enumerate(rank_states):
+        _check_old_state(state, r, old, "reshard")
+    new = ShardSpec(num_classes, new_world_size)
+    return [_shard_state(*_take_rows(rank_states.__getitem__, old, *new.bounds(r)), new, r)
+            for r in range(new_world_size)]

@@ -1,16 +1,15 @@
-"""The MLCD training loop: a DDP backbone, class centers sharded outside DDP, one short step function.
+"""The MLCD training loop: a DDP backbone, class centers sharded outside DDP (PartialFC), one step function.
 
-Read top to bottom: setup -> resume -> for each step: micro-batches -> global-norm clip -> step -> log
--> checkpoint. Every rank runs the same collectives in the same order.
+Read top to bottom: setup -> resume -> for each step: batches -> train_step -> log -> checkpoint. Every rank runs
+the same collectives in the same order.
 
-Exact resume: all randomness after initialisation is derived from (seed, rank, step): the PartialFC
-negative sample from (seed, rank, step) and the data stream from (seed, segment start) where a segment
-runs from one checkpoint step to the next; the loader is restarted at every checkpoint boundary, so a
-resumed run sees exactly the batches an uninterrupted run sees.
+Exact resume: all randomness after initialisation is derived from (seed, rank, step). The PartialFC negative
+sample is seeded from (seed, rank, step) and the data stream from (seed, segment start), where a data segment is
+`data.segment_steps` steps long: the loader is rebuilt at every segment start, and a run resumed inside a segment
+rebuilds that segment's loader and skips the batches already trained on. So a resumed run sees exactly the batches
+an uninterrupted run sees, and how often checkpoints are written changes nothing.
 """
-import contextlib
 import json
-import math
 import os
 import resource
 import time
@@ -25,13 +24,13 @@ from mlcd import dist
 from mlcd.data.loader import make_train_loader
 from mlcd.dist import derive_seed
 from mlcd.models import build_model
-from mlcd.partial_fc import build_partial_fc, reshard
+from mlcd.partial_fc import build_partial_fc
 from mlcd.train import checkpoint
-from mlcd.train.optim import build_backbone_optimizer, lr_at, set_lr
+from mlcd.train.optim import build_backbone_optimizer, build_center_optimizer, lr_at, set_lr
+from mlcd.train.step import train_step
 
-
-# Tests slow the loop down so that an external kill -9 lands mid-run; it changes nothing else.
-_TEST_STEP_DELAY = float(os.environ.get("MLCD_TEST_STEP_DELAY", 0))
+PRECISIONS = ("auto", "fp32", "bf16")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 def resolve_num_classes(cfg) -> int:
@@ -49,6 +48,28 @@ def resolve_num_classes(cfg) -> int:
     raise ValueError(f"{manifest}: no num_classes field; set num_classes=... on the command line")
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "fp16":
+        raise ValueError("train.precision=fp16 is not supported (it needs a gradient scaler; the margin loss at "
+                         "s = 64 overflows fp16 logits): use bf16 (GPU) or fp32")
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision={precision!r}: must be one of {PRECISIONS}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def resolve_wandb_mode(mode) -> str:
+    """wandb's convention: the config's value when set explicitly, else $WANDB_MODE, else offline."""
+    source = "logging.wandb.mode"
+    if mode is None:
+        mode, source = os.environ.get("WANDB_MODE", "offline"), "WANDB_MODE"
+    mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)
+    if mode not in WANDB_MODES:
+        raise ValueError(f"{source}={mode!r}: must be one of {WANDB_MODES}")
+    return mode
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -56,24 +77,24 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 class MetricsLog:
-    """metrics.jsonl on rank 0 (truncated to the resume step so a resumed run has no duplicate rows) + wandb."""
+    """Rank 0's record of the run: metrics.jsonl (truncated to the resume step so a resumed run has no duplicate
+    rows), the console lines in train.log, and wandb."""
 
-    def __init__(self, run_dir: Path, cfg, resume_step: int):
-        self.path = run_dir / "metrics.jsonl"
+    def __init__(self, run_dir: Path, cfg, resume_step: int, wandb_mode: str):
+        self.path, self.text_log = run_dir / "metrics.jsonl", run_dir / "train.log"
         self.wandb = None
         if not dist.is_main():
             return
         if self.path.exists():
             rows = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
             self.path.write_text("".join(r + "\n" for r in rows))
-        mode = cfg.logging.wandb.mode
-        if mode != "disabled":
+        if wandb_mode != "disabled":
             import wandb
             id_file = run_dir / "wandb_id.txt"
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
             id_file.write_text(run_id)
             self.wandb = wandb.init(project=cfg.logging.wandb.project, name=cfg.run_name, id=run_id,
-                                    resume="allow", dir=str(run_dir), mode=mode,
+                                    resume="allow", dir=str(run_dir), mode=wandb_mode,
                                     config=OmegaConf.to_container(cfg, resolve=True))
 
     def log(self, row: dict) -> None:
@@ -84,50 +105,78 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.log(row, step=row["step"])
 
+    def say(self, line: str, bar=None) -> None:
+        """A console line (through the progress bar when there is one), also appended to train.log."""
+        if not dist.is_main():
+            return
+        (bar.write if bar is not None else print)(line)
+        with open(self.text_log, "a") as f:
+            f.write(line + "\n")
+
     def close(self):
         if self.wandb is not None:
             self.wandb.finish()
 
 
-def make_loader(cfg, segment_start: int, per_rank_batch: int, image_size: int):
-    d = cfg.data
-    return make_train_loader(
-        d.train_shards, d.labels_dir, batch_size=per_rank_batch, num_workers=d.num_workers,
-        image_size=image_size, seed=derive_seed(cfg.seed, "data", segment_start), k=d.get("num_labels"),
-        shuffle_buffer=d.shuffle_buffer, on_bad_labels=d.on_bad_labels, resampled=d.resampled,
-        scale=tuple(d.crop_scale), ratio=tuple(d.crop_ratio), hflip=d.hflip, interpolation=d.interpolation)
+class TrainStream:
+    """This rank's training batches, step by step, reproducible from (seed, step) alone (see module docstring)."""
 
+    def __init__(self, cfg, per_rank_batch: int, image_size: int, grad_accum: int, skipped_before: dict):
+        self.cfg, self.per_rank_batch, self.image_size, self.grad_accum = cfg, per_rank_batch, image_size, grad_accum
+        self.segment_steps = int(cfg.data.segment_steps)
+        self.loader = self.it = None
+        self.skipped_before = dict(skipped_before)  # samples skipped by this rank's finished loaders (+ resumed total)
 
-def skipped_total(before: dict, loader) -> dict:
-    """Samples skipped since training began, summed over ranks (a collective; the keys are fixed)."""
-    mine = {k: before.get(k, 0) + v for k, v in sorted(loader.skip_counts().items())}
-    summed = dist.all_reduce_sum(torch.tensor(list(mine.values()), dtype=torch.float64))
-    return {k: int(v) for k, v in zip(mine, summed.tolist())}
+    def _new_loader(self, segment_start: int):
+        d = self.cfg.data
+        if self.loader is not None:
+            self._fold_counts(+1)
+        self.loader = make_train_loader(
+            d.train_shards, d.labels_dir, batch_size=self.per_rank_batch, num_workers=d.num_workers,
+            image_size=self.image_size, seed=derive_seed(self.cfg.seed, "data", segment_start), k=d.get("num_labels"),
+            shuffle_buffer=d.shuffle_buffer, on_bad_labels=d.on_bad_labels, resampled=d.resampled,
+            scale=tuple(d.crop_scale), ratio=tuple(d.crop_ratio), hflip=d.hflip, interpolation=d.interpolation)
+        self.it = iter(self.loader)
 
+    def _fold_counts(self, sign: int):
+        for k, v in self.loader.skip_counts().items():
+            self.skipped_before[k] = self.skipped_before.get(k, 0) + sign * v
 
-def global_grad_norm(backbone: torch.nn.Module, pfc) -> torch.Tensor:
-    """||g|| over the backbone (already identical on all ranks after DDP) and ALL center shards."""
-    sq = torch.zeros((), dtype=torch.float32, device=next(pfc.parameters()).device)
-    sq += pfc.grad_sq_norm().float()
-    dist.all_reduce_sum(sq)
-    for p in backbone.parameters():
-        if p.grad is not None:
-            sq += p.grad.detach().float().pow(2).sum().to(sq.device)
-    return sq.sqrt()
+    def batches(self, step: int):
+        """The iterator of `grad_accum` micro-batches for `step`."""
+        if self.loader is None or step % self.segment_steps == 0:
+            start = step - step % self.segment_steps
+            self._new_loader(start)
+            if step > start:  # resumed inside a segment: skip what was already trained on, and its skip counts
+                for _ in range((step - start) * self.grad_accum):
+                    next(self.it)
+                self._fold_counts(-1)
+        return self.it
+
+    def skipped(self) -> dict:
+        """Samples skipped since training began, summed over ranks (a collective; the keys are fixed)."""
+        mine = {k: self.skipped_before.get(k, 0) + v for k, v in sorted(self.loader.skip_counts().items())}
+        summed = dist.all_reduce_sum(torch.tensor(list(mine.values()), dtype=torch.float64))
+        return {k: int(v) for k, v in zip(mine, summed.tolist())}
 
 
 def train(cfg) -> dict:
+    # ---- setup: check settings before any work, then build model, classifier, optimizers ----
     device = dist.init()
     world, rank = dist.world_size(), dist.rank()
     t = cfg.train
-    if t.deterministic:
-        torch.use_deterministic_algorithms(True)
+    precision = resolve_precision(t.precision, device)
+    wandb_mode = resolve_wandb_mode(cfg.logging.wandb.mode)
     if t.global_batch_size % (world * t.grad_accum):
         raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible by world size {world} "
                          f"x train.grad_accum={t.grad_accum}")
+    if int(cfg.data.segment_steps) < 1:
+        raise ValueError(f"data.segment_steps={cfg.data.segment_steps}: must be >= 1")
+    num_classes = resolve_num_classes(cfg)
     per_rank_batch = t.global_batch_size // (world * t.grad_accum)
-    precision = t.precision if t.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
 
     run_dir, ckpt_root = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
     if dist.is_main():
@@ -136,137 +185,91 @@ def train(cfg) -> dict:
         print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)
     dist.barrier()
 
-    num_classes = resolve_num_classes(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
     if t.grad_checkpointing:
         model.set_grad_checkpointing(True)
     pfc = build_partial_fc(cfg.loss, num_classes, model.embed_dim, cfg.seed).to(device)
     backbone_opt = build_backbone_optimizer(model, cfg.optim)
-    center_opt = pfc.make_optimizer(lr=cfg.optim.lr, weight_decay=cfg.optim.centers_weight_decay,
-                                    betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    for group in center_opt.param_groups:
-        group["lr_mult"] = cfg.optim.centers_lr_mult
+    center_opt = build_center_optimizer(pfc, cfg.optim)
 
+    # ---- resume (or start from another run's weights) ----
     # What a checkpoint must agree on with the config; anything else (world size, lr, ...) may change.
     identity = {"num_classes": num_classes, "embed_dim": model.embed_dim,
                 "model": OmegaConf.to_container(cfg.model, resolve=True)}
     start_step, counters = 0, {"nonfinite_skipped": 0}
     resume_dir = checkpoint.resolve_resume(t.resume, ckpt_root)
     if resume_dir is not None:
-        manifest = checkpoint.read_manifest(resume_dir)
-        checkpoint.check_compatible(manifest, identity, resume_dir)
-        model.load_state_dict(checkpoint.load_backbone_weights(resume_dir))
-        trainer_state = checkpoint.load_trainer_state(resume_dir)
-        backbone_opt.load_state_dict(trainer_state["optim"])
-        states = checkpoint.load_center_states(resume_dir, manifest["world_size"])
-        if manifest["world_size"] != world:
-            states = reshard(states, world)
-        pfc.load_state_dict(states[rank]["shard"])
-        center_opt.load_state_dict(states[rank]["optim"])
-        rng = checkpoint.load_rng_state(resume_dir, rank) if manifest["world_size"] == world else None
-        if rng is not None:
-            checkpoint.set_rng_state(rng)
-        start_step, counters = manifest["step"], trainer_state["counters"]
+        restored = checkpoint.restore(resume_dir, model, backbone_opt, pfc, center_opt, identity)
+        start_step, counters = restored["step"], restored["counters"]
         if dist.is_main():
-            print(f"resumed from {resume_dir} (step {start_step}, saved at world size {manifest['world_size']}, "
+            print(f"resumed from {resume_dir} (step {start_step}, saved at world size {restored['world_size']}, "
                   f"now {world})", flush=True)
-    elif t.init_from:  # a new run (step 0, fresh optimizers) starting from another run's weights
-        src = checkpoint.find_checkpoint(t.init_from)
-        resized = checkpoint.init_backbone_from(model, src, identity["model"])
-        if t.init_centers:
-            manifest = checkpoint.read_manifest(src)
-            checkpoint.check_compatible(manifest, {k: identity[k] for k in ("num_classes", "embed_dim")}, src)
-            states = reshard(checkpoint.load_center_states(src, manifest["world_size"]), world)
-            pfc.load_state_dict(states[rank]["shard"])
+    elif t.init_from:
+        message = checkpoint.init_from(t.init_from, model, pfc, t.init_centers, identity)
         if dist.is_main():
-            print(f"initialised from {src} (backbone{', resized ' + ', '.join(resized) if resized else ''}"
-                  f"{', class centers' if t.init_centers else ''})", flush=True)
+            print(message, flush=True)
 
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     if t.compile:
         ddp_model = torch.compile(ddp_model)
-    metrics = MetricsLog(run_dir, cfg, start_step)
+    metrics = MetricsLog(run_dir, cfg, start_step, wandb_mode)
+    # samples skipped in earlier runs of this training: counted once, on rank 0
+    stream = TrainStream(cfg, per_rank_batch, model.image_size, t.grad_accum,
+                         counters.get("skipped", {}) if dist.is_main() else {})
 
     def save(step):
+        counters["skipped"] = stream.skipped()
         manifest = {**identity, "shards": pfc.shard_spec.to_dict(), "samples_seen": step * t.global_batch_size,
                     "config": OmegaConf.to_container(cfg, resolve=True), "torch": torch.__version__}
-        return checkpoint.save(ckpt_root, step, model, backbone_opt, pfc, center_opt,
-                               {"counters": counters}, manifest, t.keep_last)
+        checkpoint.save(ckpt_root, step, model, backbone_opt, pfc, center_opt, {"counters": counters}, manifest,
+                        t.keep_last)
 
+    # ---- steps ----
     from tqdm import tqdm
     bar = tqdm(total=t.total_steps, initial=start_step, disable=not dist.is_main() or not t.progress_bar,
                desc="train", dynamic_ncols=True)
-    loader_it, nonfinite_in_row, window_t, window_steps = None, 0, time.time(), 0
-    # samples the loader skipped in earlier data segments: this rank's own, plus (rank 0) the resumed total
-    skipped_before = dict(counters.get("skipped", {})) if dist.is_main() else {}
-    loss_value = float("nan")
+    nonfinite_in_row, window_t, window_steps, result = 0, time.time(), 0, None
     for step in range(start_step, t.total_steps):
-        if loader_it is None or step % t.ckpt_every == 0:  # a new data segment (see module docstring)
-            if loader_it is not None:
-                skipped_before = {k: skipped_before.get(k, 0) + v for k, v in loader.skip_counts().items()}
-            loader = make_loader(cfg, step, per_rank_batch, model.image_size)
-            loader_it = iter(loader)
         lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, t.total_steps, cfg.optim.min_lr_ratio)
         set_lr(backbone_opt, lr)
         set_lr(center_opt, lr)
-
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(t.grad_accum):
-            images, labels = next(loader_it)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            sync = micro == t.grad_accum - 1
-            with (contextlib.nullcontext() if sync or world == 1 else ddp_model.no_sync()):
-                with autocast:
-                    embeddings = ddp_model(images).embedding
-                loss = pfc(embeddings.float(), labels, step * t.grad_accum + micro) / t.grad_accum
-                loss.backward()
-            loss_sum += loss.detach()
-
-        grad_norm = global_grad_norm(model, pfc)
-        loss_value = float(loss_sum)  # identical on every rank: PartialFC returns the global mean
-        if math.isfinite(loss_value) and torch.isfinite(grad_norm):
+        result = train_step(ddp_model, pfc, backbone_opt, center_opt, stream.batches(step), step, t.grad_accum,
+                            t.clip_grad, autocast)
+        if result.applied:
             nonfinite_in_row = 0
-            if t.clip_grad and t.clip_grad > 0:
-                coef = torch.clamp(t.clip_grad / (grad_norm + 1e-6), max=1.0)
-                for p in list(model.parameters()) + list(pfc.parameters()):
-                    if p.grad is not None:
-                        p.grad.mul_(coef.to(p.grad.device))
-            backbone_opt.step()
-            center_opt.step()
-        else:  # every rank sees the same values, so every rank skips together
+        else:  # every rank sees the same values, so every rank skipped together
             counters["nonfinite_skipped"] += 1
             nonfinite_in_row += 1
             if nonfinite_in_row >= t.max_nonfinite_in_row:
                 raise RuntimeError(f"step {step}: non-finite loss/gradient {t.max_nonfinite_in_row} steps in a row "
-                                   f"(loss={loss_value}, grad_norm={float(grad_norm)}); lower optim.lr or "
+                                   f"(loss={result.loss}, grad_norm={result.grad_norm}); lower optim.lr or "
                                    "train.clip_grad, or check the labels")
-        backbone_opt.zero_grad(set_to_none=True)
-        center_opt.zero_grad(set_to_none=True)
         bar.update(1)
         window_steps += 1
-        if _TEST_STEP_DELAY:
-            time.sleep(_TEST_STEP_DELAY)
 
+        # ---- log ----
         if (step + 1) % t.log_every == 0 or step + 1 == t.total_steps:
             elapsed = time.time() - window_t
-            skipped = skipped_total(skipped_before, loader)
-            row = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+            skipped = stream.skipped()
+            row = {"step": step + 1, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                    "images_per_s": window_steps * t.global_batch_size / max(elapsed, 1e-9),
                    "samples_seen": (step + 1) * t.global_batch_size, "peak_mem_mb": _peak_memory_mb(device),
                    "nonfinite_skipped": counters["nonfinite_skipped"], **{f"skipped/{k}": v for k, v in skipped.items()}}
             metrics.log(row)
-            if dist.is_main():
-                bar.write(f"step {row['step']:>7d} | loss {loss_value:.4f} | lr {lr:.2e} | "
-                          f"{row['images_per_s']:.1f} img/s | grad {row['grad_norm']:.3f} | "
-                          f"mem {row['peak_mem_mb']:.0f} MB | skipped {sum(skipped.values())} "
-                          f"| nonfinite {counters['nonfinite_skipped']}")
+            metrics.say(f"step {row['step']:>7d} | loss {result.loss:.4f} | lr {lr:.2e} | "
+                        f"{row['images_per_s']:.1f} img/s | grad {result.grad_norm:.3f} | "
+                        f"mem {row['peak_mem_mb']:.0f} MB | skipped {sum(skipped.values())} "
+                        f"| nonfinite {counters['nonfinite_skipped']}", bar)
             window_t, window_steps = time.time(), 0
 
+        # ---- checkpoint ----
         if (step + 1) % t.ckpt_every == 0 or step + 1 == t.total_steps:
-            counters["skipped"] = skipped_total(skipped_before, loader)
             save(step + 1)
     bar.close()
     metrics.close()
+    if dist.is_main() and (run_dir / "metrics.jsonl").exists():
+        from mlcd.train.plots import plot_loss
+        plot_loss(run_dir / "metrics.jsonl", run_dir / "loss_curve.png", title=cfg.run_name)
     dist.barrier()
-    return {"final_loss": loss_value, "step": t.total_steps, "run_dir": str(run_dir)}
+    return {"final_loss": result.loss if result else float("nan"), "step": t.total_steps, "run_dir": str(run_dir)}

@@ -1,7 +1,10 @@
-"""Backbone AdamW with CLIP-style parameter groups, and the warm-up + cosine learning-rate schedule."""
+"""The optimizers and the schedule: backbone AdamW with CLIP-style parameter groups, a row-sparse AdamW for the
+class centers, and the warm-up + cosine learning rate."""
 import math
 
 import torch
+
+from mlcd.partial_fc import sparse_rows
 
 # Tokens and position parameters are not weights of a linear map: decaying them only hurts.
 _NO_DECAY_NAMES = ("class_embedding", "positional_embedding", "position_embedding", "class_pos_emb")
@@ -25,6 +28,75 @@ def build_backbone_optimizer(model: torch.nn.Module, optim_cfg) -> torch.optim.A
     return torch.optim.AdamW(
         param_groups(model, optim_cfg.weight_decay), lr=optim_cfg.lr,
         betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
+
+
+class SparseRowAdamW(torch.optim.Optimizer):
+    """AdamW for a center shard whose gradient is a sparse COO tensor: only the rows present in the gradient
+    (sampled since the last step) are updated -- decoupled weight decay, moments and a per-row step count for bias
+    correction, exactly torch.optim.AdamW's formula applied to each such row as if it had been stepped alone.
+    Rows absent from the gradient, and their moments and step counts, are not touched. State (exp_avg, exp_avg_sq:
+    [n, D]; row_step: int64 [n]) is allocated up front so a checkpoint always holds it."""
+
+    chunk_elems = 2**24  # rows are updated in chunks of this many elements: bounded temporaries at 1M x 512
+
+    def __init__(self, weight: torch.Tensor, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
+                 eps: float = 1e-8):
+        super().__init__([weight], dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps))
+        self.state[weight] = {"exp_avg": torch.zeros_like(weight, memory_format=torch.contiguous_format),
+                              "exp_avg_sq": torch.zeros_like(weight, memory_format=torch.contiguous_format),
+                              "row_step": torch.zeros(weight.shape[0], dtype=torch.int64, device=weight.device)}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd, (beta1, beta2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise TypeError("SparseRowAdamW expects the sparse row gradient produced by PartialFC.forward")
+                all_rows, all_grads = sparse_rows(p.grad)
+                st = self.state[p]
+                chunk = max(1, self.chunk_elems // max(1, p.shape[1]))
+                for i in range(0, all_rows.numel(), chunk):
+                    rows, grad = all_rows[i:i + chunk], all_grads[i:i + chunk]
+                    t = st["row_step"][rows] + 1
+                    st["row_step"][rows] = t
+                    w = p[rows].mul_(1 - lr * wd)
+                    m = st["exp_avg"][rows].lerp_(grad, 1 - beta1)
+                    v = st["exp_avg_sq"][rows].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    t = t.double()[:, None]
+                    step_size = (lr / (1 - beta1 ** t)).to(grad.dtype)
+                    bc2_sqrt = (1 - beta2 ** t).sqrt().to(grad.dtype)
+                    w.sub_(m / (v.sqrt() / bc2_sqrt).add_(eps) * step_size)
+                    st["exp_avg"][rows] = m
+                    st["exp_avg_sq"][rows] = v
+                    p[rows] = w
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        p = self.param_groups[0]["params"][0]
+        st = state_dict["state"].get(0, {})
+        for key, shape in (("exp_avg", tuple(p.shape)), ("exp_avg_sq", tuple(p.shape)), ("row_step", (p.shape[0],))):
+            if key not in st or tuple(st[key].shape) != shape:
+                raise ValueError(f"center optimizer state: {key} is "
+                                 f"{tuple(st[key].shape) if key in st else 'missing'}, expected {shape}")
+        row_step = st["row_step"].to(device=p.device, dtype=torch.int64)
+        super().load_state_dict(state_dict)
+        self.state[p]["row_step"] = row_step                           # keep int64 (the base class casts to float)
+
+
+def build_center_optimizer(pfc, optim_cfg) -> SparseRowAdamW:
+    """The centers share the backbone's betas/eps; their LR is lr * centers_lr_mult, their weight decay their own."""
+    opt = SparseRowAdamW(pfc.weight, lr=optim_cfg.lr, weight_decay=optim_cfg.centers_weight_decay,
+                         betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
+    for group in opt.param_groups:
+        group["lr_mult"] = optim_cfg.centers_lr_mult
+    return opt
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
