@@ -1,8 +1,10 @@
 """Stage 1: open_clip image (and optionally caption) features, one fp16 file per input shard.
 
 Each rank takes shards r, r+W, r+2W, ... and skips shards whose features already exist, so a killed
-run resumes shard by shard. Every shard is read by its own single-pass loader, so batch boundaries
-(and therefore the bytes written) do not depend on the world size or on where a run was resumed.
+run resumes shard by shard. One loader reads this rank's shards, each DataLoader worker whole shards (each
+tar is read once); a shard's batches never span shards and arrive in tar order, and its file is written
+when its last batch arrives, so the bytes written do not depend on num_workers, the world size or where a
+run was resumed.
 
 Fusion (`extract.text=true`): UNICOM reports clustering "joint textual and visual features"; how they
 were combined is not published. We use f = normalize(normalize(img) + normalize(txt)), the
@@ -73,35 +75,43 @@ def _autocast(device, precision: str):
 
 
 @torch.no_grad()
-def shard_features(model, preprocess, tokenizer, url: str, ec, device):
-    """(fp16 features [n, d], keys, skip counts, captions used) for one shard."""
+def _encode(model, tokenizer, images, keys, caps: dict, ec, device):
+    """(fp16 features [B, d] on the CPU, captions used) for one batch."""
+    with _autocast(device, ec.precision):
+        f = model.encode_image(images.to(device, non_blocking=True))
+    f = F.normalize(f.float(), dim=-1)
+    idx = [i for i, k in enumerate(keys) if k in caps]
+    if idx:
+        tokens = tokenizer([caps[keys[i]] for i in idx]).to(device)
+        with _autocast(device, ec.precision):
+            t = model.encode_text(tokens)
+        t = F.normalize(t.float(), dim=-1)
+        f[idx] = F.normalize(f[idx] + t, dim=-1)  # fusion: normalised mean of the two unit vectors
+    return f.half().cpu(), len(idx)
+
+
+def extract_shards(model, preprocess, tokenizer, urls: list[str], ec, device):
+    """Yield (index into urls, fp16 features [n, d], keys, skip counts, captions used) per shard, as each completes.
+
+    The loader's workers read whole shards in parallel; the features of a shard whose batches are still
+    arriving are kept here (small: [n, d] fp16 per shard in flight), then handed over for writing."""
     from mlcd.data.loader import make_extract_loader
 
-    loader = make_extract_loader([url], preprocess, int(ec.batch_size), int(ec.num_workers))
-    caps = read_captions(url) if ec.text else {}
-    feats, keys, n_caps = [], [], 0
-    for images, batch_keys in loader:
-        with _autocast(device, ec.precision):
-            f = model.encode_image(images.to(device, non_blocking=True))
-        f = F.normalize(f.float(), dim=-1)
-        if ec.text:
-            has = [k in caps for k in batch_keys]
-            if any(has):
-                idx = [i for i, h in enumerate(has) if h]
-                tokens = tokenizer([caps[batch_keys[i]] for i in idx]).to(device)
-                with _autocast(device, ec.precision):
-                    t = model.encode_text(tokens)
-                t = F.normalize(t.float(), dim=-1)
-                f[idx] = F.normalize(f[idx] + t, dim=-1)  # fusion: normalised mean of the two unit vectors
-                n_caps += len(idx)
-        feats.append(f.half().cpu())
-        keys.extend(batch_keys)
-    if feats:
-        out = torch.cat(feats).numpy()
-    else:
-        out = np.zeros((0, int(model.visual.output_dim)), np.float16)
-    skips = dict(loader.skip_counts()) if hasattr(loader, "skip_counts") else {}
-    return out, keys, skips, n_caps
+    loader = make_extract_loader(urls, preprocess, int(ec.batch_size), int(ec.num_workers))
+    open_ = {}  # shard index -> {"feats", "keys", "caps", "n_caps"}
+    for i, images, keys, skips in loader.batches():
+        s = open_.setdefault(i, {"feats": [], "keys": [], "caps": read_captions(urls[i]) if ec.text else {},
+                                 "n_caps": 0})
+        if images is not None:
+            f, n = _encode(model, tokenizer, images, keys, s["caps"], ec, device)
+            s["feats"].append(f)
+            s["keys"] += keys
+            s["n_caps"] += n
+        if skips is not None:  # the shard's last batch
+            del open_[i]
+            feats = torch.cat(s["feats"]).numpy() if s["feats"] else np.zeros((0, int(model.visual.output_dim)),
+                                                                                np.float16)
+            yield i, feats, s["keys"], skips, s["n_caps"]
 
 
 def run(cfg, cfg_dict: dict, urls: list[str], device) -> None:
@@ -128,14 +138,16 @@ def run(cfg, cfg_dict: dict, urls: list[str], device) -> None:
     if mine:
         model, preprocess, tokenizer = build_model(ec, int(cfg.seed), device)
         n_img, t0 = 0, time.time()
-        bar = tqdm(mine, desc="extract", unit="shard", disable=not dist.is_main())
-        for url, stem in bar:
-            feats, keys, skips, n_caps = shard_features(model, preprocess, tokenizer, url, ec, device)
+        bar = tqdm(total=len(mine), desc="extract", unit="shard", disable=not dist.is_main())
+        for i, feats, keys, skips, n_caps in extract_shards(model, preprocess, tokenizer, [u for u, _ in mine], ec,
+                                                                   device):
             if ec.text:
                 skips = {**skips, "no_caption": len(keys) - n_caps}
-            write_features(fdir, stem, feats, keys, skips)
+            write_features(fdir, mine[i][1], feats, keys, skips)
             n_img += len(keys)
+            bar.update(1)
             bar.set_postfix(img_s=f"{n_img / max(time.time() - t0, 1e-9):.1f}")
+        bar.close()
     dist.barrier()
     if dist.is_main():
         rows, skipped, dim = 0, {}, None

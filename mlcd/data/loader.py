@@ -1,13 +1,26 @@
 """Webdataset loaders: the training stream (images + multi-labels) and the single-pass extraction stream.
 
 Both read tar shards directly (local paths, brace patterns, `pipe:` commands and URLs via webdataset's
-gopen) with a small tar reader that can tell a clean end from a truncated file, group members into
+gopen) with a small tar reader that can tell a clean end from a truncated or corrupt file, group members into
 samples by `__key__` (webdataset's rule: the name up to the first '.' of the basename), decode with PIL
 and transform in DataLoader workers.
 
 Bad data is skipped and counted, never silently: every stream keeps a count per reason (REASONS),
 attaches a snapshot of its cumulative counts to each batch it yields (and one final snapshot when it
 ends), and the loader sums the latest snapshot of every worker in the main process: `.skip_counts()`.
+The counts are samples (except 'uncounted_shards'), so for every shard: yielded + counted = its samples.
+  * A sample is a run of adjacent members with the same key; a member whose extension the run already has
+    starts a new sample. A key already seen in the same shard (adjacent or not) makes the sample corrupt:
+    the first occurrence is kept, every repeat is skipped as 'duplicate_key' (a streaming reader cannot
+    take back the first, and which of two different samples is right cannot be known).
+  * A sample without an image member is 'no_image', one whose image PIL cannot decode 'bad_image'.
+  * A shard whose bytes stop early ('truncated_tar', .tar.gz too), that has a bad header or a failing read
+    ('corrupt_tar'), or that cannot be opened, is empty or is not a tar ('shard_error'): every sample read
+    whole before that point is yielded, the one in progress too unless one of its own members is cut (it
+    may lack later members, e.g. its .txt; the reader cannot know). What came after cannot be read, so the
+    lost samples are counted from the manifest.json beside the shard (mlcd.data.make_shards writes each
+    shard's count): lost = count - samples read. Without that count (`pipe:` URLs, tars from elsewhere, a
+    stale manifest) only a cut sample in progress is counted, and the shard adds 1 to 'uncounted_shards'.
 
 Training (`make_train_loader`):
   * resampled=True (training): an infinite stream. Stream s = rank * num_workers + worker of S streams
@@ -23,17 +36,23 @@ Training (`make_train_loader`):
     shard in each worker. A missing label or a label file of the wrong shape/dtype raises an error
     naming shard and key, or with on_bad_labels='skip' is skipped and counted.
 
-Extraction (`make_extract_loader`): one pass in shard order then in-shard order, whatever num_workers:
-batch b of the stream is decoded by worker b % num_workers (every worker reads the tar bytes, only the
-owner decodes), and the DataLoader's in-order round-robin hands the batches back as 0, 1, 2, ... For
-remote `pipe:` shards that means num_workers reads of each tar: use few workers, or local copies.
+Extraction (`make_extract_loader`): one pass. Worker w of n reads the whole shards w, w+n, w+2n, ... (each
+tar is read once, the workers in parallel) in batches that never span shards. `.batches()` yields them
+tagged with their shard in the DataLoader's round-robin order (fixed for given shards, batch size and
+num_workers), a shard's last batch with the shard's skip counts: the cluster stage encodes each batch and
+writes a shard's features when its last batch arrives. Iterating the loader gives (images, keys) in shard
+order then tar order; to do so it holds the decoded batches of shards that arrive early (up to about
+num_workers - 1 shards' worth).
 """
 import glob
 import gzip
 import io
+import json
 import logging
 import os
 import random
+import struct
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -49,19 +68,21 @@ from mlcd.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform, TrainTransf
 
 log = logging.getLogger("mlcd.data")
 
-# Why a sample (or the rest of a shard) was skipped. Always all present in skip_counts(), so ranks can
-# all-reduce the same keys.
+# Why samples were skipped. Always all present in skip_counts(), so ranks can all-reduce the same keys.
 REASONS = (
-    "truncated_tar",   # shard ended before the end-of-archive marker (per shard; a possibly incomplete sample dropped)
-    "corrupt_tar",     # bad tar header checksum / unreadable stream (per shard; the rest of the shard is lost)
-    "shard_error",     # shard could not be opened or read, or was empty (per shard)
-    "no_image",        # sample without a jpg/jpeg/png/webp member
-    "bad_image",       # image bytes PIL cannot decode
-    "missing_labels",  # on_bad_labels='skip': no labels for this key / shard
-    "bad_labels",      # on_bad_labels='skip': labels of the wrong shape, dtype or value
+    "truncated_tar",     # samples lost because the shard's bytes stop early (a cut .tar or .tar.gz)
+    "corrupt_tar",       # samples lost at a bad tar header checksum or a failing read (corrupt gzip, I/O error)
+    "shard_error",       # samples of a shard that cannot be opened, is empty, or is not a tar archive
+    "duplicate_key",     # a repeat of a key seen earlier in the same shard (the first one is kept)
+    "no_image",          # sample without a jpg/jpeg/png/webp member
+    "bad_image",         # image bytes PIL cannot decode (garbage, empty, cut)
+    "missing_labels",    # on_bad_labels='skip': no labels for this key / shard
+    "bad_labels",        # on_bad_labels='skip': labels of the wrong shape, dtype or value
+    "uncounted_shards",  # SHARDS, not samples: broken shards that lost a number of samples no manifest tells
 )
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _MAX_WARNINGS = 20  # per stream; the counts keep going
+_READ_ERRORS = (OSError, ValueError, zlib.error)  # disk or pipe failures, corrupt gzip data, undecodable names
 
 
 # ---------------------------------------------------------------- shard lists and tar reading
@@ -102,16 +123,31 @@ def open_url(url: str):
     return open(url, "rb")
 
 
+def manifest_count(url: str) -> int | None:
+    """The sample count mlcd.data.make_shards recorded for this shard in the manifest.json beside it, if any."""
+    if _is_remote(url):
+        return None
+    try:
+        rows = json.loads((Path(url).parent / "manifest.json").read_text())["shards"]
+        return next((int(r["count"]) for r in rows if r.get("name") == Path(url).name), None)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 class TarError(Exception):
-    def __init__(self, reason: str, msg: str, name: str | None = None):
+    def __init__(self, reason: str, msg: str, name: str | None = None, detail: str = ""):
         super().__init__(msg)
-        self.reason, self.name = reason, name  # name: the member being read, when its header was intact
+        self.reason, self.name, self.detail = reason, name, detail  # name: the regular member the problem cut
 
 
 def _read_exact(f, n: int) -> bytes:
+    """n bytes, fewer only where the stream ends (a cut .gz stream ends here too instead of raising)."""
     chunks, got = [], 0
     while got < n:
-        b = f.read(n - got)
+        try:
+            b = f.read(n - got)
+        except EOFError:  # gzip: compressed stream ended before its end marker = the file is cut
+            break
         if not b:
             break
         chunks.append(b)
@@ -119,9 +155,25 @@ def _read_exact(f, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def _octal(field: bytes) -> int:
+def _octal(field: bytes) -> int | None:
     s = field.rstrip(b"\0 ").strip()
-    return int(s, 8) if s else 0
+    try:
+        return int(s, 8) if s else 0
+    except ValueError:
+        return None
+
+
+def _header_ok(hdr: bytes) -> bool:
+    """The checksum field parses and matches the header's byte sum (unsigned, or signed as old tars wrote it)."""
+    stored = _octal(hdr[148:156]) if hdr[148:156].strip(b"\0 ") else None
+    rest = hdr[:148] + b" " * 8 + hdr[156:]
+    return stored is not None and stored in (sum(rest), sum(struct.unpack("512b", rest)))
+
+
+def _ustar_name(hdr: bytes) -> str:
+    name = hdr[0:100].rstrip(b"\0").decode("utf-8")
+    prefix = hdr[345:500].rstrip(b"\0").decode("utf-8") if hdr[257:262] == b"ustar" else ""
+    return f"{prefix}/{name}" if prefix else name
 
 
 def _pax_path(data: bytes):
@@ -141,44 +193,53 @@ def _pax_path(data: bytes):
 def iter_tar(f):
     """Yield (name, bytes) of the regular files in a tar stream (ustar, PAX and GNU long names).
 
-    Raises TarError('truncated_tar') when the stream ends before the end-of-archive block and
-    TarError('corrupt_tar') on a header whose checksum does not match."""
-    next_name, first = None, True
-    while True:
-        hdr = _read_exact(f, 512)
-        if first and not hdr:
-            raise TarError("shard_error", "empty stream (0 bytes): a failed download or pipe command?")
-        first = False
-        if len(hdr) < 512:
-            raise TarError("truncated_tar", f"tar ends inside a header or without an end marker ({len(hdr)} bytes)")
-        if hdr.count(0) == 512:
-            return
-        stored = _octal(hdr[148:156]) if hdr[148:156].strip(b"\0 ") else -1
-        if stored != sum(hdr[:148]) + 256 + sum(hdr[156:]):
-            raise TarError("corrupt_tar", "tar header checksum mismatch")
-        if hdr[124] & 0x80:
-            raise TarError("corrupt_tar", "base-256 sizes (members > 8 GiB) are not supported")
-        size, kind = _octal(hdr[124:136]), hdr[156:157]
-        data = _read_exact(f, size)
-        pad = (-size) % 512
-        if len(data) < size or len(_read_exact(f, pad)) < pad:
-            name = next_name or hdr[0:100].rstrip(b"\0").decode("utf-8", "replace")
-            raise TarError("truncated_tar", f"tar ends inside member {name} ({len(data)} of {size} bytes)",
-                           name if kind in (b"0", b"\0", b"7") else None)
-        if kind == b"x":
-            next_name = _pax_path(data) or next_name
-        elif kind == b"L":
-            next_name = data.rstrip(b"\0").decode("utf-8")
-        elif kind in (b"0", b"\0", b"7"):
-            name = next_name
-            if name is None:
-                name = hdr[0:100].rstrip(b"\0").decode("utf-8")
-                prefix = hdr[345:500].rstrip(b"\0").decode("utf-8") if hdr[257:262] == b"ustar" else ""
-                name = f"{prefix}/{name}" if prefix else name
-            next_name = None
-            yield name, data
-        else:  # directories, links, global headers: not samples
-            next_name = None
+    Raises TarError: 'shard_error' for an empty stream or one that does not start with a tar header,
+    'truncated_tar' when the bytes stop before the end-of-archive block, 'corrupt_tar' on a header whose
+    checksum does not match or a read that fails. A member is yielded as soon as its data is whole."""
+    long_name, first, cur = None, True, None  # cur: the regular member whose data is being read
+    try:
+        while True:
+            hdr = _read_exact(f, 512)
+            if first and not hdr:
+                raise TarError("shard_error", "empty (0 bytes)", detail="a failed download or pipe command?")
+            if hdr.count(0) == 512:
+                return
+            if first and (len(hdr) < 512 or not _header_ok(hdr)):
+                raise TarError("shard_error", "not a tar archive", detail=f"no header in the first {len(hdr)} bytes")
+            first = False
+            if not hdr:
+                raise TarError("truncated_tar", "the bytes stop after a member, without the end-of-archive block")
+            if len(hdr) < 512:
+                raise TarError("truncated_tar", f"the bytes stop inside a tar header ({len(hdr)} of 512 bytes)")
+            if not _header_ok(hdr):
+                raise TarError("corrupt_tar", "tar header checksum mismatch")
+            size, kind = _octal(hdr[124:136]), hdr[156:157]
+            if size is None or hdr[124] & 0x80:
+                raise TarError("corrupt_tar", f"unreadable or base-256 size field {hdr[124:136]!r}")
+            if kind in (b"0", b"\0", b"7"):
+                cur = long_name or _ustar_name(hdr)
+            data = _read_exact(f, size)
+            if len(data) < size:
+                raise TarError("truncated_tar", f"the bytes stop inside member {cur or '(an extended header)'} "
+                                                f"({len(data)} of {size} bytes)", cur)
+            name, cur = cur, None
+            if kind == b"x":
+                long_name = _pax_path(data) or long_name
+            elif kind == b"L":
+                long_name = data.rstrip(b"\0").decode("utf-8")
+            else:  # a regular file uses the long name; directories, links, global headers are not samples
+                long_name = None
+            if name is not None:
+                yield name, data
+            pad = (-size) % 512
+            if len(_read_exact(f, pad)) < pad:
+                raise TarError("truncated_tar", "the bytes stop inside the padding after a member")
+    except _READ_ERRORS as e:
+        detail = f"{type(e).__name__}: {e}"
+        if first:
+            what = "not a tar archive" if isinstance(e, (gzip.BadGzipFile, zlib.error)) else "cannot read"
+            raise TarError("shard_error", what, detail=detail) from e
+        raise TarError("corrupt_tar", "unreadable data", cur, detail) from e
 
 
 def split_key(name: str):
@@ -189,59 +250,90 @@ def split_key(name: str):
 
 
 class Counts(dict):
-    def __init__(self):
-        super().__init__({r: 0 for r in REASONS})
-        self.warned = 0
+    """Skip counts per reason; the first _MAX_WARNINGS skips are logged. A child (one shard's counts) also
+    adds to its parent, which does the logging."""
 
-    def add(self, reason: str, where: str, detail: str = "") -> None:
-        self[reason] += 1
-        if self.warned < _MAX_WARNINGS:
+    def __init__(self, parent: "Counts | None" = None):
+        super().__init__({r: 0 for r in REASONS})
+        self.parent, self.warned = parent, 0
+
+    def add(self, reason: str, where: str, detail: str = "", n: int = 1) -> None:
+        self[reason] += n
+        if self.parent is not None:
+            self.parent.add(reason, where, detail, n)
+        elif self.warned < _MAX_WARNINGS:
             self.warned += 1
             log.warning("skipped (%s) %s %s%s", reason, where, detail,
                         " [further skip warnings from this stream suppressed]" if self.warned == _MAX_WARNINGS else "")
 
 
+def _starts_sample(sample, key: str, ext: str) -> bool:
+    """A member starts a new sample unless it adds a new extension to the sample being read."""
+    return sample is None or sample["__key__"] != key or ext in sample
+
+
+def _count_lost(counts: Counts, url: str, e: TarError, read: int, cut: bool) -> None:
+    """Count what a broken shard lost: from its manifest.json count when known, else 'uncounted_shards'."""
+    where, n = f"{e}: {url}" + (f" ({e.detail});" if e.detail else ";"), manifest_count(url)
+    if n is not None and n >= read + cut:
+        counts.add(e.reason, where, f"{n - read} of its {n} samples (manifest.json) lost", n - read)
+        return
+    if cut:
+        counts.add(e.reason, where, "the sample being read was cut")
+    why = "no count in a manifest.json beside it" if n is None else f"manifest.json says {n} samples, {read} read"
+    counts.add("uncounted_shards", where, f"an unknown number of samples lost ({why})")
+
+
 def iter_samples(url: str, counts: Counts | None):
-    """Samples {'__key__', '__url__', ext: bytes} of one shard in tar order; tar problems end the shard, counted."""
-    sample, failed = None, False
+    """Samples {'__key__', '__url__', ext: bytes} of one shard in tar order; skips counted (module docstring)."""
+    sample, seen, read, problem = None, set(), 0, None  # read: samples finished (yielded or duplicates)
+
+    def first_time(s) -> bool:
+        nonlocal read
+        read += 1
+        if s["__key__"] not in seen:
+            seen.add(s["__key__"])
+            return True
+        if counts is not None:
+            counts.add("duplicate_key", url, f"{s['__key__']}: key repeated in the shard, the first one was kept")
+        return False
+
     try:
         f = open_url(url)
     except Exception as e:  # noqa: BLE001 - a shard that cannot be opened mid-run is skipped and counted
-        if counts is not None:
-            counts.add("shard_error", url, f"{type(e).__name__}: {e}")
-        return
-    try:
-        gz = url.endswith((".gz", ".tgz")) or (hasattr(f, "peek") and f.peek(2)[:2] == b"\x1f\x8b")
-        stream = gzip.GzipFile(fileobj=f) if gz else f
-        for name, data in iter_tar(stream):
-            if name.rsplit("/", 1)[-1].startswith("."):
-                continue
-            key, ext = split_key(name)
-            if sample is not None and sample["__key__"] != key:
-                yield sample
-                sample = None
-            if sample is None:
-                sample = {"__key__": key, "__url__": url}
-            sample[ext] = data
-        if sample is not None:
-            yield sample
-    except TarError as e:
-        # the sample in progress is complete only if the broken member starts another key; else it is dropped
-        if sample is not None and e.name is not None and split_key(e.name)[0] != sample["__key__"]:
-            yield sample
-        failed = True
-        if counts is not None:
-            counts.add(e.reason, url, str(e))
-    except (OSError, EOFError, ValueError) as e:  # gzip errors, pipe failures
-        failed = True
-        if counts is not None:
-            counts.add("shard_error", url, f"{type(e).__name__}: {e}")
-    finally:
+        problem = TarError("shard_error", "cannot open", detail=f"{type(e).__name__}: {e}")
+    else:
+        complete = False
         try:
-            f.close()  # a `pipe:` command's non-zero exit status surfaces here
-        except Exception as e:  # noqa: BLE001
-            if counts is not None and not failed:
-                counts.add("shard_error", url, f"{type(e).__name__}: {e}")
+            gz = url.endswith((".gz", ".tgz")) or (hasattr(f, "peek") and f.peek(2)[:2] == b"\x1f\x8b")
+            for name, data in iter_tar(gzip.GzipFile(fileobj=f) if gz else f):
+                if name.rsplit("/", 1)[-1].startswith("."):
+                    continue
+                key, ext = split_key(name)
+                if _starts_sample(sample, key, ext):
+                    if sample is not None and first_time(sample):
+                        yield sample
+                    sample = {"__key__": key, "__url__": url}
+                sample[ext] = data
+            complete = True
+        except TarError as e:
+            problem = e
+        except _READ_ERRORS as e:  # from peeking at the first bytes
+            problem = TarError("shard_error", "cannot read", detail=f"{type(e).__name__}: {e}")
+        finally:
+            try:
+                f.close()  # a `pipe:` command's non-zero exit status surfaces here
+            except Exception as e:  # noqa: BLE001
+                if complete:  # the end-of-archive block was read: nothing is missing
+                    log.warning("%s: closing the stream failed after a complete tar: %s: %s", url, type(e).__name__, e)
+                elif problem is None:
+                    problem = TarError("shard_error", "closing the stream failed", detail=f"{type(e).__name__}: {e}")
+    cut = sample is not None and problem is not None and problem.name is not None \
+        and not _starts_sample(sample, *split_key(problem.name))
+    if sample is not None and not cut and first_time(sample):
+        yield sample
+    if problem is not None and counts is not None:
+        _count_lost(counts, url, problem, read, cut)
 
 
 def decode_image(sample: dict):
@@ -278,7 +370,8 @@ class _Loader:
         self._done = {r: 0 for r in REASONS}   # from finished iterations
         self._live = {}                         # worker id -> latest cumulative counts of this iteration
 
-    def __iter__(self):
+    def _items(self):
+        """Every item the workers send, without its (worker id, counts) tail."""
         for c in self._live.values():
             for r, v in c.items():
                 self._done[r] += v
@@ -291,12 +384,16 @@ class _Loader:
         try:
             for *batch, wid, counts in it:
                 self._live[wid] = counts
-                if batch[0] is not None:  # None: a stream's final counts, or a batch with no good sample
-                    yield tuple(batch)
+                yield tuple(batch)
         finally:  # stop workers now: left to the garbage collector after an error, shutdown waits 5 s per worker
             shutdown = getattr(it, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
+
+    def __iter__(self):
+        for batch in self._items():
+            if batch[0] is not None:  # None: a stream's final counts, or a batch with no good sample
+                yield batch
 
     def skip_counts(self) -> dict:
         total = dict(self._done)
@@ -306,7 +403,7 @@ class _Loader:
         return total
 
 
-# ---------------------------------------------------------------- extraction (single pass, ordered)
+# ---------------------------------------------------------------- extraction (single pass, whole shards per worker)
 
 class _ExtractStream(IterableDataset):
     def __init__(self, urls, transform, batch_size):
@@ -325,35 +422,49 @@ class _ExtractStream(IterableDataset):
 
     def __iter__(self):
         wid, nw = _worker()
-        counts = Counts()
-        b = 0  # global batch index; batch b belongs to worker b % nw
-        for url in self.urls:
-            raw, n = [], 0
-            # shard-level problems are seen by every worker: only worker 0 counts them
-            for s in iter_samples(url, counts if wid == 0 else None):
-                if b % nw == wid:
-                    raw.append(s)
-                n += 1
-                if n == self.batch_size:
-                    if b % nw == wid:
-                        yield (*self._decode(raw, counts), wid, dict(counts))
-                    raw, n, b = [], 0, b + 1
-            if n:
-                if b % nw == wid:
-                    yield (*self._decode(raw, counts), wid, dict(counts))
-                b += 1
-        yield None, None, wid, dict(counts)
+        total = Counts()
+        for i in range(wid, len(self.urls), nw):  # whole shards: each tar is read by one worker, once
+            counts, raw = Counts(total), []
+            for s in iter_samples(self.urls[i], counts):
+                raw.append(s)
+                if len(raw) == self.batch_size:
+                    yield *self._decode(raw, counts), i, None, wid, dict(total)
+                    raw = []
+            images, keys = self._decode(raw, counts) if raw else (None, [])
+            yield images, keys, i, dict(counts), wid, dict(total)  # a shard's last item carries its counts
+
+
+class _ExtractLoader(_Loader):
+    def batches(self):
+        """(shard index, images | None, keys, the shard's skip counts on its last batch, else None) as they arrive."""
+        for images, keys, i, skips in self._items():
+            yield i, images, keys, skips
+
+    def __iter__(self):
+        """(images, keys) in shard order then tar order; batches of shards that arrive early wait here."""
+        held, finished, cur = {}, set(), 0
+        for i, images, keys, skips in self.batches():
+            if images is not None:
+                if i == cur:
+                    yield images, keys
+                else:
+                    held.setdefault(i, []).append((images, keys))
+            if skips is not None:
+                finished.add(i)
+            while cur in finished:
+                cur += 1
+                yield from held.pop(cur, [])
 
 
 def make_extract_loader(urls, transform=None, batch_size: int = 256, num_workers: int = 4, image_size: int = 224):
-    """Single pass over `urls` in shard order, then tar order -> (images [B, 3, H, W], keys list[str]).
+    """Single pass over `urls`: (images [B, 3, H, W], keys list[str]) in shard order, then tar order.
 
     `transform(pil_rgb) -> Tensor[3, H, W]` (default: EvalTransform(image_size)). Bad samples are skipped
-    and counted (`.skip_counts()`); a batch whose samples were all bad is dropped. Cheap to build per
-    shard (the cluster stage calls it with one shard at a time)."""
+    and counted (`.skip_counts()`); a batch whose samples were all bad is dropped. `.batches()`: the same
+    batches tagged by shard in arrival order, without holding any back (see the module docstring)."""
     urls = expand_urls(urls)
     transform = transform if transform is not None else EvalTransform(image_size)
-    return _Loader(_ExtractStream(urls, transform, batch_size), num_workers)
+    return _ExtractLoader(_ExtractStream(urls, transform, batch_size), num_workers)
 
 
 # ---------------------------------------------------------------- training (labels joined by key)
