@@ -6,10 +6,14 @@ includes the OTHER samples' positives), scale s and a margin phi on the positive
     mlcd    log(1 + sum_{i in P} exp(-s*phi(c_i))) + log(1 + sum_{j in N} exp(s*c_j))     Eq. 5
     mlc     log(1 + sum_{j in N} exp(s*c_j) * sum_{i in P} exp(-s*phi(c_i)))             Eq. 4 ("vanilla MLC")
     single  -log softmax(target) over all columns, target = the first label with the margin  (UNICOM / ArcFace CE)
+    per_slot  the mean over the sample's labels t of `single` with target t; the OTHER positives stay in the
+            denominator as negatives (OneVision-Encoder's multi-label PartialFC, the public baseline from the same
+            group; computed by repeating each cosine row once per label slot)
 
     phi(c) = cos(theta + m) = c*cos(m) - sqrt(1 - c^2)*sin(m)   (arcface, default)   or   c - m   (cosface)
 
-The loss is the mean over samples that have at least one valid label; all-padding rows are left out of the mean.
+The loss is the mean over samples that have at least one valid label (per_slot: over valid label slots); all-padding
+rows are left out of the mean.
 
 Every log-sum-exp is computed in fp32 from a per-row shift M: M = max over its entries (the explicit zero logit is an
 entry for mlcd), so nothing overflows at s = 64. When the columns are split over ranks (PartialFC), each rank holds
@@ -29,7 +33,7 @@ import math
 import torch
 import torch.distributed as dist
 
-KINDS = ("mlcd", "mlc", "single")
+KINDS = ("mlcd", "mlc", "single", "per_slot")
 MARGIN_TYPES = ("arcface", "cosface")
 ARC_EPS = 1e-6
 SCALE, MARGIN = 64.0, 0.3  # defaults: s from RICE §4.1 (same authors; the MLCD paper does not state it), m App. A.1.2
@@ -177,13 +181,18 @@ def margin_lse(cos, pos_cols, valid, kind="mlcd", scale=SCALE, m=MARGIN, margin_
         raise ValueError(f"loss kind must be one of {KINDS}, got {kind!r}")
     if margin_type not in MARGIN_TYPES:
         raise ValueError(f"margin_type must be one of {MARGIN_TYPES}, got {margin_type!r}")
+    if kind == "per_slot":  # one `single` row per (sample, label slot); valid is per slot [B, l] here
+        slots = pos_cols.shape[1]
+        cos, pos_cols, valid = cos.repeat_interleave(slots, 0), pos_cols.reshape(-1, 1), valid.reshape(-1)
+        kind = "single"
     return _MarginLSE.apply(cos, pos_cols, valid, kind, float(scale), float(m), margin_type, distributed)
 
 
 def prepare_labels(labels: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(labels used by the loss, valid samples): duplicates dropped; `single` keeps the first label only."""
+    """(labels used by the loss, valid samples or, for per_slot, valid slots): duplicates dropped; `single` keeps
+    the first label only."""
     labels = labels[:, :1] if kind == "single" else dedupe_labels(labels)
-    return labels, (labels >= 0).any(1)
+    return labels, (labels >= 0) if kind == "per_slot" else (labels >= 0).any(1)
 
 
 def dense_margin_loss(embeddings, centers, labels, kind="mlcd", scale=SCALE, m=MARGIN, margin_type="arcface"):
@@ -210,6 +219,10 @@ def reference_loss(emb, centers, labels, kind="mlcd", s=SCALE, m=MARGIN, margin_
     def phi(c):
         return torch.cos(torch.acos(c) + m) if margin_type == "arcface" else c - m
 
+    def softmax_ce(row, t):                                             # margin on the target t only
+        others = s * row[[j for j in present if j != t]]
+        return torch.log(torch.exp(s * phi(row[t])) + torch.exp(others).sum()) - s * phi(row[t])
+
     losses = []
     for row, labs in zip(cos, labels.tolist()):
         own = [x for x in ([labs[0]] if kind == "single" else sorted(set(labs))) if x >= 0]
@@ -221,8 +234,10 @@ def reference_loss(emb, centers, labels, kind="mlcd", s=SCALE, m=MARGIN, margin_
             losses.append(torch.log(1 + torch.exp(-pos).sum()) + torch.log(1 + torch.exp(neg).sum()))
         elif kind == "mlc":                                             # Eq. 4
             losses.append(torch.log(1 + torch.exp(neg).sum() * torch.exp(-pos).sum()))
-        else:                                                           # softmax CE, margin on the target
-            losses.append(torch.log(torch.exp(pos[0]) + torch.exp(neg).sum()) - pos[0])
+        elif kind == "single":
+            losses.append(softmax_ce(row, own[0]))
+        else:                                                           # per_slot: one softmax per label,
+            losses.extend(softmax_ce(row, t) for t in own)              # the other labels among its negatives
     if not losses:
         return (emb.sum() + centers.sum()) * 0
     return torch.stack(losses).mean()

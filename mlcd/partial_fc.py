@@ -87,6 +87,18 @@ def budget(n_local: int, n_pos: int, ratio: float, rule: str) -> int:
     return max(0, min(n_local, int(math.floor(ratio * n_local + 0.5))) - n_pos)
 
 
+def check_loss_settings(kind, margin_type, sample_ratio, budget, slots=None) -> None:
+    """Refuse a bad loss setting with the key named (train.py calls this before any work)."""
+    for key, value, allowed in (("kind", kind, KINDS), ("margin_type", margin_type, MARGIN_TYPES),
+                                ("budget", budget, BUDGETS)):
+        if value not in allowed:
+            raise ValueError(f"loss.{key}={value!r}: must be one of {allowed}")
+    if not 0 <= sample_ratio <= 1:
+        raise ValueError(f"loss.sample_ratio={sample_ratio}: must be in [0, 1]")
+    if slots is not None and (kind != "per_slot" or slots < 1):
+        raise ValueError(f"loss.slots={slots}: a positive number of label slots, for loss kind per_slot only")
+
+
 class _GatherRows(torch.autograd.Function):
     """all_gather_into_tensor forward; reduce_scatter(SUM) * grad_scale backward (see module docstring)."""
 
@@ -149,14 +161,11 @@ class PartialFC(torch.nn.Module):
 
     def __init__(self, num_classes: int, embed_dim: int, kind: str = "mlcd", scale: float = SCALE,
                  margin: float = MARGIN, margin_type: str = "arcface", sample_ratio: float = 0.1,
-                 budget: str = "ratio", seed: int = 0, ddp_average: bool = True,
+                 budget: str = "ratio", seed: int = 0, ddp_average: bool = True, slots: int | None = None,
                  rank: int | None = None, world_size: int | None = None):
         super().__init__()
-        if kind not in KINDS or margin_type not in MARGIN_TYPES or budget not in BUDGETS:
-            raise ValueError(f"loss kind/margin_type/budget must be in {KINDS}/{MARGIN_TYPES}/{BUDGETS}, "
-                             f"got {kind!r}/{margin_type!r}/{budget!r}")
-        if not 0 <= sample_ratio <= 1:
-            raise ValueError(f"sample_ratio must be in [0, 1], got {sample_ratio}")
+        check_loss_settings(kind, margin_type, sample_ratio, budget, slots)
+        self.slots = slots  # per_slot: keep this many random labels of each sample per step (None: all)
         self.kind, self.scale, self.margin, self.margin_type = kind, float(scale), float(margin), margin_type
         self.sample_ratio, self.budget, self.seed, self.ddp_average = float(sample_ratio), budget, int(seed), ddp_average
         # rank/world_size overrides build one shard of a larger world in a single process (tests, offline tools);
@@ -220,6 +229,10 @@ class PartialFC(torch.nn.Module):
             embeddings = F.pad(embeddings, (0, 0, 0, b_max - b))
             embeddings = _GatherRows.apply(embeddings, world, float(world) if self.ddp_average else 1.0)
             labels = _gather_plain(labels, world)
+        if self.slots is not None and self.slots < labels.shape[1]:  # the same draw on every rank: global labels
+            gen = torch.Generator(device=labels.device).manual_seed(mdist.derive_seed("slots", self.seed, int(step)))
+            keep = torch.rand(labels.shape, generator=gen, device=labels.device).argsort(1)[:, :self.slots]
+            labels = labels.gather(1, keep)
         labels, valid = prepare_labels(labels, self.kind)
         index, pos_cols = self.sample(labels, step)
         self.last_index = index
@@ -258,4 +271,4 @@ def build_partial_fc(loss_cfg, num_classes: int, embed_dim: int, seed: int) -> P
     return PartialFC(num_classes, embed_dim, kind=get("kind", "mlcd"), scale=get("scale", SCALE),
                      margin=get("margin", MARGIN), margin_type=get("margin_type", "arcface"),
                      sample_ratio=get("sample_ratio", 0.1), budget=get("budget", "ratio"), seed=seed,
-                     ddp_average=get("ddp_average", True))
+                     ddp_average=get("ddp_average", True), slots=get("slots", None))

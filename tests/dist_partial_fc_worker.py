@@ -17,7 +17,8 @@ from mlcd.partial_fc import PartialFC, ShardSpec
 from mlcd.train.optim import SparseRowAdamW
 
 C, D, DIN = 11, 6, 5          # 11 classes: not divisible by 2 or 3
-LOSS_VARIANTS = [("mlcd", "arcface"), ("mlcd", "cosface"), ("mlc", "arcface"), ("single", "arcface")]
+LOSS_VARIANTS = [("mlcd", "arcface"), ("mlcd", "cosface"), ("mlc", "arcface"), ("single", "arcface"),
+                 ("per_slot", "arcface"), ("per_slot", "cosface")]
 LABELS = [[0, 5, -1], [3, 3, 9], [-1, -1, -1], [10, 2, 7], [6, -1, 6], [1, 4, 8], [2, -1, -1]]
 LABELS_LOW = [[0, 1, -1], [3, 3, 2], [-1, -1, -1], [1, 2, 0], [3, -1, 3], [0, -1, -1], [2, 1, -1]]  # all < 4
 OPT = dict(lr=0.05, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)

@@ -9,7 +9,7 @@ import torch
 
 from mlcd.loss import dense_margin_loss, dedupe_labels, reference_loss
 
-VARIANTS = [(k, mt) for k in ("mlcd", "mlc", "single") for mt in ("arcface", "cosface")]
+VARIANTS = [(k, mt) for k in ("mlcd", "mlc", "single", "per_slot") for mt in ("arcface", "cosface")]
 
 
 def reference_grads(emb, centers, labels, **kw):

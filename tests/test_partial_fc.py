@@ -59,7 +59,7 @@ def test_world1_full_matches_dense_reference(kind, margin_type):
     assert torch.allclose(pfc.grad_sq_norm(), pfc.weight.grad.to_dense().pow(2).sum())
 
 
-@pytest.mark.parametrize("kind", ["mlcd", "mlc", "single"])
+@pytest.mark.parametrize("kind", ["mlcd", "mlc", "single", "per_slot"])
 def test_world1_sampled_matches_reference_on_sampled_classes(kind):
     """r < 1: the loss and gradients are the dense reference restricted to the sampled classes, i.e. negatives are
     exactly the sampled non-own classes (own positives masked, other samples' positives included)."""
@@ -371,3 +371,23 @@ def test_distributed_bad_label_raises_on_every_rank(dist_run):
     assert f"rank {world - 1}: invalid label {worker.C} at [1, 2]" in ranks[-1]["E"]
     for r in ranks[:-1]:
         assert f"invalid PartialFC input on rank(s) [{world - 1}]" in r["E"]
+
+
+def test_per_slot_keeps_k_random_slots_per_step():
+    """loss.slots = 2 of 4 labels: the loss is the reference per-slot loss on the 2 labels drawn for that step, and
+    another step draws other slots."""
+    from mlcd.dist import derive_seed
+    C, D, B = 13, 8, 6
+    g = torch.Generator().manual_seed(0)
+    emb, labels = torch.randn(B, D, generator=g), torch.stack([torch.randperm(C, generator=g)[:4] for _ in range(B)])
+    pfc = PartialFC(C, D, kind="per_slot", slots=2, sample_ratio=1.0, seed=5)
+    losses = []
+    for step in (0, 1):
+        keep = torch.rand(labels.shape, generator=torch.Generator().manual_seed(derive_seed("slots", 5, step)))
+        kept = labels.gather(1, keep.argsort(1)[:, :2])
+        ref = reference_loss(emb.double(), pfc.weight.detach().double(), kept, kind="per_slot")
+        losses.append(pfc(emb, labels, step).item())
+        assert abs(losses[-1] - ref.item()) <= 1e-5 * abs(ref.item())
+    assert losses[0] != losses[1]
+    with pytest.raises(ValueError, match="loss.slots"):
+        PartialFC(C, D, kind="mlcd", slots=2)

@@ -381,3 +381,61 @@ def test_wandb_mode_from_the_environment_unless_the_config_says(monkeypatch):
         resolve_wandb_mode(None)
     monkeypatch.delenv("WANDB_MODE")
     assert resolve_wandb_mode(None) == "offline"
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("loss.kind", "mlcdd", "loss.kind='mlcdd'"),
+    ("loss.sample_ratio", 1.5, "loss.sample_ratio=1.5"),
+    ("loss.sample_ratio", -0.1, "loss.sample_ratio=-0.1"),
+    ("data.num_labels", 3, "data.num_labels=3: the label files"),  # the fixture's label files hold 2 per image
+])
+def test_bad_loss_and_label_settings_fail_before_work(dataset, tmp_path, key, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _run_inprocess(_compose(dataset, tmp_path / "run", **{key: value}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_multirun_gives_each_job_its_own_run_dir(dataset, tmp_path):
+    """`train.py -m seed=0,1`: one directory per job, named by its swept values, each a complete run; nothing
+    written outside ${out_dir} (no multirun/ in the working directory)."""
+    before = set(os.listdir(ROOT))
+    args = [a for a in _overrides(dataset, tmp_path / "sweep", **{"train.total_steps": 2, "train.ckpt_every": 2})
+            if not a.startswith("seed=")]
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "seed=0,1", *args], cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert jobs == ["seed=0", "seed=1"], jobs
+    seeds = [json.loads((tmp_path / "sweep" / j / "checkpoints/step-00000002/manifest.json").read_text())["config"]["seed"]
+             for j in jobs]
+    assert seeds == [0, 1]
+    assert set(os.listdir(ROOT)) == before
+
+
+def test_resume_with_changed_settings_fails_naming_the_key(dataset, tmp_path):
+    out = tmp_path / "run"
+    _run_inprocess(_compose(dataset, out, **{"train.total_steps": 2, "train.ckpt_every": 2}))
+    with pytest.raises(ValueError, match=r"loss.sample_ratio: 0.5 there, 0.3 now"):
+        _run_inprocess(_compose(dataset, out, **{"train.total_steps": 4, "loss.sample_ratio": 0.3}))
+    # what may change on resume does not trip it
+    _run_inprocess(_compose(dataset, out, **{"train.total_steps": 4, "train.log_every": 1, "train.ckpt_every": 4}))
+    assert (out / "checkpoints" / "step-00000004").exists()
+
+
+def test_knn_monitor_logs_and_does_not_change_the_run(dataset, tmp_path):
+    """With the monitor every 2 steps the losses and final weights are bitwise those of a run without it."""
+    common = {"train.total_steps": 4, "train.ckpt_every": 4, "train.log_every": 1}
+    _run_inprocess(_compose(dataset, tmp_path / "plain", **common))
+    _run_inprocess(_compose(dataset, tmp_path / "mon", **common, **{"monitor.every": 2, "monitor.train_size": 200,
+                                                                  "monitor.test_size": 100}))
+    plain = [json.loads(l) for l in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    mon = [json.loads(l) for l in (tmp_path / "mon" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in plain] == [r["loss"] for r in mon]
+    knn = [r.get("monitor/knn_top1") for r in mon]
+    assert knn[0] is None and knn[2] is None and all(0 <= k <= 100 for k in (knn[1], knn[3]))
+    _, bb_a, sh_a = _final_state(tmp_path / "plain", 4)
+    _, bb_b, sh_b = _final_state(tmp_path / "mon", 4)
+    assert all(torch.equal(bb_a[k], bb_b[k]) for k in bb_a)
+    assert torch.equal(_full_centers(sh_a), _full_centers(sh_b))
+    with pytest.raises(ValueError, match="monitor.every=3"):
+        _run_inprocess(_compose(dataset, tmp_path / "bad", **{"monitor.every": 3, "train.log_every": 2}))

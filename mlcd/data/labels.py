@@ -49,6 +49,14 @@ def write_shard_labels(labels_dir, stem: str, keys, labels: np.ndarray, sims: np
     fileio.write_text(keys_p, "".join(k + "\n" for k in keys))
 
 
+def label_width(labels_dir, stem: str) -> int:
+    """k, the labels per image in a shard's label file (reads only the .npy header)."""
+    _, labels_p, _ = _paths(labels_dir, stem)
+    if not labels_p.exists():
+        raise FileNotFoundError(f"no labels for shard {stem!r}: {labels_p} missing (did cluster.py assign run?)")
+    return int(np.load(labels_p, mmap_mode="r").shape[1])
+
+
 def has_shard_labels(labels_dir, stem: str) -> bool:
     return all(p.exists() for p in _paths(labels_dir, stem))
 

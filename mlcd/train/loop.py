@@ -20,12 +20,15 @@ import torch
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from mlcd import dist
-from mlcd.data.loader import make_train_loader
+from mlcd import dist, fileio
+from mlcd.data.labels import label_width, shard_stem
+from mlcd.data.loader import expand_urls, make_train_loader
 from mlcd.dist import derive_seed
 from mlcd.models import build_model
-from mlcd.partial_fc import build_partial_fc
+from mlcd.partial_fc import build_partial_fc, check_loss_settings
+from mlcd.sweep import FINGERPRINT, check_same_settings, fingerprint
 from mlcd.train import checkpoint
+from mlcd.train.monitor import KnnMonitor
 from mlcd.train.optim import build_backbone_optimizer, build_center_optimizer, lr_at, set_lr
 from mlcd.train.step import train_step
 
@@ -46,6 +49,18 @@ def resolve_num_classes(cfg) -> int:
         if key in info:
             return int(info[key])
     raise ValueError(f"{manifest}: no num_classes field; set num_classes=... on the command line")
+
+
+def check_num_labels(data_cfg) -> None:
+    """data.num_labels (l) must not exceed the labels per image on disk (read from the first shard's label file)."""
+    want = data_cfg.get("num_labels")
+    if want is None:
+        return
+    shard = expand_urls(data_cfg.train_shards)[0]
+    have = label_width(data_cfg.labels_dir, shard_stem(shard))
+    if not 1 <= int(want) <= have:
+        raise ValueError(f"data.num_labels={want}: the label files in {data_cfg.labels_dir} hold {have} labels per "
+                         f"image (cluster.py assign.topk); use 1..{have}")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -172,15 +187,24 @@ def train(cfg) -> dict:
                          f"x train.grad_accum={t.grad_accum}")
     if int(cfg.data.segment_steps) < 1:
         raise ValueError(f"data.segment_steps={cfg.data.segment_steps}: must be >= 1")
+    loss = cfg.loss
+    check_loss_settings(loss.kind, loss.margin_type, loss.sample_ratio, loss.budget, loss.get("slots"))
+    check_num_labels(cfg.data)
     num_classes = resolve_num_classes(cfg)
+    if cfg.monitor.every < 0 or (cfg.monitor.every and cfg.monitor.every % t.log_every):
+        raise ValueError(f"monitor.every={cfg.monitor.every}: 0 (off) or a multiple of train.log_every={t.log_every}")
+    monitor = KnnMonitor(cfg.monitor, cfg.model.image_size) if cfg.monitor.every and dist.is_main() else None
     per_rank_batch = t.global_batch_size // (world * t.grad_accum)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
 
     run_dir, ckpt_root = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
+    if t.resume == "auto":
+        check_same_settings(run_dir, cfg)
     if dist.is_main():
         ckpt_root.mkdir(parents=True, exist_ok=True)
+        fileio.write_json(run_dir / FINGERPRINT, fingerprint(cfg))
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)
     dist.barrier()
@@ -256,11 +280,14 @@ def train(cfg) -> dict:
                    "images_per_s": window_steps * t.global_batch_size / max(elapsed, 1e-9),
                    "samples_seen": (step + 1) * t.global_batch_size, "peak_mem_mb": _peak_memory_mb(device),
                    "nonfinite_skipped": counters["nonfinite_skipped"], **{f"skipped/{k}": v for k, v in skipped.items()}}
+            if monitor is not None and (monitor.due(step + 1) or step + 1 == t.total_steps):
+                row.update(monitor(model))
             metrics.log(row)
             metrics.say(f"step {row['step']:>7d} | loss {result.loss:.4f} | lr {lr:.2e} | "
                         f"{row['images_per_s']:.1f} img/s | grad {result.grad_norm:.3f} | "
                         f"mem {row['peak_mem_mb']:.0f} MB | skipped {sum(skipped.values())} "
-                        f"| nonfinite {counters['nonfinite_skipped']}", bar)
+                        f"| nonfinite {counters['nonfinite_skipped']}"
+                        + (f" | kNN {row['monitor/knn_top1']:.2f}" if "monitor/knn_top1" in row else ""), bar)
             window_t, window_steps = time.time(), 0
 
         # ---- checkpoint ----
