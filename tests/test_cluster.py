@@ -16,7 +16,7 @@ from mlcd import fileio
 from mlcd.cluster.kmeans import size_stats, split_k, train_kmeans
 from mlcd.data.labels import read_shard_labels
 
-CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
+CONFIGS = str(Path(__file__).resolve().parents[1] / "configs" / "cluster")
 
 
 def sphere_mixture(n_comp, per, d, noise, seed):
@@ -150,7 +150,7 @@ def test_local_refine_reseeds_empty_centers():
 def test_kmeans_rejects_too_few_points():
     with pytest.raises(ValueError, match="cannot make k=10"):
         train_kmeans(np.eye(5, 4, dtype=np.float32), 10)
-    with pytest.raises(ValueError, match="flat' or 'two_level"):
+    with pytest.raises(ValueError, match="kmeans.mode must be one of"):
         train_kmeans(sphere_mixture(2, 10, 4, 0.1, 0)[0], 2, mode="hier")
 
 

@@ -16,6 +16,8 @@ import numpy as np
 
 from mlcd.cluster.kmeans import flat_ip_index, search, to_gpu
 
+METHODS = ("exact", "ivf", "hnsw")
+
 
 def build_index(centers: np.ndarray, method: str = "exact", nlist: int | None = None, nprobe: int = 32,
                 gpu: bool = False, device=None, seed: int = 1234, hnsw_m: int = 32, ef_search: int = 128,
@@ -34,7 +36,7 @@ def build_index(centers: np.ndarray, method: str = "exact", nlist: int | None = 
         index.hnsw.efSearch = int(ef_search)
         return index
     if method != "ivf":
-        raise ValueError(f"assign.method must be 'exact', 'ivf' or 'hnsw', got {method!r}")
+        raise ValueError(f"assign.method must be one of {list(METHODS)}, got {method!r}")
     nlist = int(nlist or max(1, round(4 * np.sqrt(k_centers))))
     if nlist > k_centers:
         raise ValueError(f"assign.nlist={nlist} exceeds the number of centers {k_centers}")

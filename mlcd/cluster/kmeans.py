@@ -18,6 +18,8 @@ import time
 import faiss
 import numpy as np
 
+MODES = ("flat", "two_level")
+
 
 def use_gpu(gpu) -> bool:
     """`gpu`: 'auto' (GPU when FAISS sees one), True/False."""
@@ -165,7 +167,7 @@ def train_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, mode:
             rep["refine_iterations"] = _with_mean(stats, min(n, k * max_points_per_centroid))
         rep["refine_probe"] = int(refine_probe)
     else:
-        raise ValueError(f"kmeans.mode must be 'flat' or 'two_level', got {mode!r}")
+        raise ValueError(f"kmeans.mode must be one of {list(MODES)}, got {mode!r}")
     rep["train_s"] = time.time() - t0
     return _normalize(centers).astype(np.float32), rep
 
