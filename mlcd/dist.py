@@ -1,11 +1,12 @@
 """The few distributed helpers every stage shares.
 
 Everything works without torch.distributed initialised (world size 1), so the same code runs as
-plain `python` and under `torchrun`.
+plain `python`, under `torchrun` (single or multi-node) and under SLURM's `srun python` (one task per GPU).
 """
 import datetime
 import hashlib
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -24,25 +25,91 @@ def world_size() -> int:
 
 
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
+    return launch_env()["local_rank"]
 
 
 def is_main() -> bool:
     return rank() == 0
 
 
-def init(timeout_minutes: float = 30.0) -> torch.device:
-    """Initialise the process group when launched by torchrun (NCCL on GPU, gloo on CPU).
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM hostlist ("gpu-[003-010,12],login1" -> "gpu-003"), without needing scontrol."""
+    host, depth = "", 0
+    for ch in nodelist.strip():
+        if ch == "," and depth == 0:
+            break
+        depth += (ch == "[") - (ch == "]")
+        host += ch
+    # each bracket [a-b,c] keeps its first item, zero padding included
+    return re.sub(r"\[([^],-]+)[^]]*\]", r"\1", host)
 
-    Returns the device this rank computes on. A plain `python` launch stays single-process.
+
+def launch_env(env=None) -> dict:
+    """Rank, world size, local rank and rendezvous address for this process, from the launcher's variables.
+
+    torchrun's RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT come first: under `srun torchrun`
+    each worker also inherits its node task's SLURM_PROCID, which is not its rank (open_clip's order too).
+    Otherwise SLURM's (`srun python`, one task per GPU): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the
+    rendezvous host is MASTER_ADDR if set, else the first host of SLURM_JOB_NODELIST; the port MASTER_PORT
+    if set, else 29500 + SLURM_JOB_ID % 1000 (two jobs sharing a head node do not collide). Neither: world 1.
     """
+    env = os.environ if env is None else env
+
+    def num(name):
+        try:
+            return int(env[name])
+        except ValueError:
+            raise ValueError(f"launcher variable {name}={env[name]!r} is not an integer") from None
+
+    if "WORLD_SIZE" in env:
+        if "RANK" not in env:
+            raise ValueError(f"WORLD_SIZE={env['WORLD_SIZE']} is set but RANK is not: launch with torchrun, "
+                             "or set both (or neither)")
+        out = {"launcher": "torchrun", "rank": num("RANK"), "world_size": num("WORLD_SIZE"),
+               "local_rank": num("LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+               "master_addr": env.get("MASTER_ADDR"), "master_port": env.get("MASTER_PORT")}
+    elif "SLURM_PROCID" in env:
+        if "SLURM_NTASKS" not in env:
+            raise ValueError(f"SLURM_PROCID={env['SLURM_PROCID']} is set but SLURM_NTASKS is not: launch with "
+                             "`srun --ntasks=N python ...` (or use torchrun)")
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        addr = env.get("MASTER_ADDR") or (first_host(nodelist) if nodelist else None)
+        port = env.get("MASTER_PORT") or str(29500 + int(env.get("SLURM_JOB_ID", 0) or 0) % 1000)
+        out = {"launcher": "slurm", "rank": num("SLURM_PROCID"), "world_size": num("SLURM_NTASKS"),
+               "local_rank": num("SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+               "master_addr": addr, "master_port": port}
+        if out["world_size"] > 1 and not addr:
+            raise ValueError("SLURM launch with SLURM_NTASKS>1 but neither MASTER_ADDR nor SLURM_JOB_NODELIST is "
+                             "set: export MASTER_ADDR=<first node's host name>")
+    else:
+        return {"launcher": None, "rank": 0, "world_size": 1, "local_rank": int(env.get("LOCAL_RANK", 0)),
+                "master_addr": None, "master_port": None}
+    if not 0 <= out["rank"] < out["world_size"]:
+        raise ValueError(f"{out['launcher']} launch: rank {out['rank']} is not in [0, world size "
+                         f"{out['world_size']})")
+    return out
+
+
+def init(timeout_minutes: float = 30.0) -> torch.device:
+    """Initialise the process group when launched by torchrun or SLURM's srun (NCCL on GPU, gloo on CPU).
+
+    Returns the device this rank computes on. A plain `python` launch stays single-process. Under SLURM the
+    torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) are exported, so code
+    and libraries that read them see the same values.
+    """
+    env = launch_env()
+    if env["launcher"] == "slurm" and env["world_size"] > 1:
+        os.environ.update(RANK=str(env["rank"]), WORLD_SIZE=str(env["world_size"]),
+                          LOCAL_RANK=str(env["local_rank"]), MASTER_ADDR=env["master_addr"],
+                          MASTER_PORT=str(env["master_port"]))
     use_cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank()) if use_cuda else torch.device("cpu")
+    device = torch.device("cuda", env["local_rank"]) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not is_dist():
+    if env["world_size"] > 1 and not is_dist():
         dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
+            backend="nccl" if use_cuda else "gloo", init_method="env://",
+            rank=env["rank"], world_size=env["world_size"],
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
     return device
@@ -63,15 +130,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if is_dist():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-def broadcast_object(obj, src: int = 0):
-    """Send a picklable object from `src` to every rank."""
-    if not is_dist():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def derive_seed(*parts) -> int:
