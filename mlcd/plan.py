@@ -20,7 +20,8 @@ Memory per rank = bytes of the tensors the code materialises (no allocator slack
                exp_avg + exp_avg_sq and int64 row_step.
   loss         at B = global_batch_size / grad_accum rows (PartialFC gathers all ranks' embeddings): the fp32
                [B, n+1] buffer the fused log-sum-exp keeps for backward, the [B, n] cosines beside it (bf16 on GPU),
-               the gathered and normalised embeddings and the sampled center rows. n = positives on this shard +
+               the gathered and normalised embeddings and the sampled center rows (loss.kind=per_slot: one logits
+               row per label slot, B*l rows, plus the [B, n] cosines they repeat). n = positives on this shard +
                r x the rest (loss.budget=ratio); positives for B*l labels spread uniformly over C classes:
                C (1 - (1 - 1/C)^(B l)) distinct in all, this shard's share of them. Real cluster labels are skewed
                (fewer distinct classes), so this is an upper bound.
@@ -189,7 +190,8 @@ def plan(cfg, world_size: int, gpu: str = "a100-80gb", mfu: float = 0.4, num_lab
     C, D = resolve_num_classes(cfg), int(model_cfg.get("embed_dim") or model_cfg["width"])
     kind = str(loss.get("kind", "mlcd"))
     l, l_source = resolve_num_labels(cfg, num_labels)
-    l_used = 1 if kind == "single" else l
+    l_used = 1 if kind == "single" else min(l, int(loss.get("slots") or l)) if kind == "per_slot" else l
+    copies = l_used if kind == "per_slot" else 1                        # per_slot: one logits row per label slot
     ratio, rule = float(loss.get("sample_ratio", 0.1)), str(loss.get("budget", "ratio"))
 
     P = vit_params(model_cfg)
@@ -213,8 +215,8 @@ def plan(cfg, world_size: int, gpu: str = "a100-80gb", mfu: float = 0.4, num_lab
         "centers": 4 * n_local * D,
         "center_moments": 8 * n_local * D,
         "center_row_step": 8 * n_local,
-        "logits_fp32": round(4 * B * (n + 1)),
-        "logits_cos": round(cb * B * n),
+        "logits_fp32": round(4 * B * copies * (n + 1)),
+        "logits_cos": round(cb * B * n * (1 + copies if copies > 1 else 1)),
         "loss_embeddings": B * D * (8 + (cb if bf16 else 0)) + round(n * D * (8 + (cb if bf16 else 0))),
     }
     mem["activations"] = mem["activations_ckpt" if ckpt else "activations_no_ckpt"]
@@ -245,7 +247,7 @@ def plan(cfg, world_size: int, gpu: str = "a100-80gb", mfu: float = 0.4, num_lab
                    "loss_kind": kind, "sample_ratio": ratio, "budget": rule, "total_steps": int(t.total_steps)},
         "backbone_params": P,
         "shard": {"rows": n_local, "positives": positives, "negatives": n - positives, "columns": n,
-                  "logits_shape": [B, round(n)]},
+                  "logits_shape": [B * copies, round(n)]},
         "memory_bytes": mem,
         "peak_phase": peak_phase,
         "flops": {"forward_per_image": fwd, "train_per_image": 3 * fwd, "loss_per_rank_step": loss_flops * accum,

@@ -186,7 +186,7 @@ def _compare(measured, p, what):
     assert abs(m["peak"] / measured - 1) <= TOLERANCE, (what, measured, parts)
 
 
-# Three shapes, each dominated by a different part of the plan.
+# Shapes each dominated by a different part of the plan (per_slot: B x l logits rows).
 CONFIGS = {
     "centers": ["model=vit_tiny", "num_classes=100000", "train.global_batch_size=64", "loss.sample_ratio=0.1"],
     "activations_quick_gelu": ["model=vit_tiny", "model.act=quick_gelu", "model.image_size=32", "num_classes=1000",
@@ -194,6 +194,9 @@ CONFIGS = {
     "logits_checkpointing": ["model=vit_tiny", "model.width=64", "model.mlp_dim=256", "model.layers=6",
                              "model.embed_dim=32", "num_classes=50000", "loss.sample_ratio=1.0",
                              "train.global_batch_size=256", "train.grad_checkpointing=true"],
+    "logits_per_slot": ["model=vit_tiny", "model.layers=2", "model.width=64", "model.mlp_dim=128", "model.heads=2",
+                        "model.embed_dim=64", "loss=per_slot", "num_classes=20000", "loss.sample_ratio=0.5",
+                        "train.global_batch_size=128"],
 }
 
 
