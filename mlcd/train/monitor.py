@@ -21,12 +21,19 @@ class KnnMonitor:
         self.num_classes = splits.num_classes
         tf = eval_transform(image_size)
 
-        def tensors(ds, n, seed):
-            idx = stratified_pick(labels_of(ds), n, seed)
-            x = torch.stack([tf(ds[int(i)][0]) for i in idx])
-            return x, labels_of(ds)[idx]
-        self.train_x, self.train_y = tensors(splits.train, int(cfg.train_size), seed=0)
-        self.test_x, self.test_y = tensors(splits.test, int(cfg.test_size), seed=1)
+        def tensors(ds, idx):
+            return torch.stack([tf(ds[int(i)][0]) for i in idx]), labels_of(ds)[idx]
+        n_mem, n_query = int(cfg.train_size), int(cfg.test_size)
+        if cfg.queries == "test":
+            self.train_x, self.train_y = tensors(splits.train, stratified_pick(labels_of(splits.train), n_mem, 0))
+            self.test_x, self.test_y = tensors(splits.test, stratified_pick(labels_of(splits.test), n_query, 1))
+        elif cfg.queries == "train":  # model selection without looking at the test split: disjoint train subsets
+            idx = stratified_pick(labels_of(splits.train), n_mem + n_query, 0)
+            idx = np.random.default_rng(0).permutation(idx)
+            self.train_x, self.train_y = tensors(splits.train, np.sort(idx[:n_mem]))
+            self.test_x, self.test_y = tensors(splits.train, np.sort(idx[n_mem:]))
+        else:
+            raise ValueError(f"monitor.queries={cfg.queries!r}: test | train")
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0

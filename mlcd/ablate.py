@@ -1,0 +1,250 @@
+"""`make ablate`: the paper's ablations (Tables 5-6) at small scale, 3 seeds per setting, one command.
+
+    python -m mlcd.ablate [ablate.key=value ...]        (settings: configs/ablate.yaml)
+    python -m mlcd.ablate ablate.report_only=true       (aggregate what has finished)
+
+Phases, each skipping finished work, so the command can be killed and re-run at any point:
+  1. data: the demo's shards; one clustering per number of centers k (top-16 labels on disk)
+  2. tuning: every loss kind at each lr x margin, seed 0, ranked by kNN of held-out TRAIN images
+  3. the grid at each kind's best setting, seed by seed (every setting at seed 0 first, so a partial run
+     already covers every setting)
+  4. report: bench/results/ablation.json (mean, std, n per setting), bench/results/ablation.png, and the
+     markdown table (printed, and in ablation.md beside them) for the README
+A run's directory is named by its settings, so a setting that two groups share (l = 8 is also the mlcd row of
+the loss group) trains once. Like mlcd.demo, every stage runs as the command line it prints.
+"""
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from mlcd import fileio
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "ablate.yaml"
+KIND_LOSS = {"mlcd": "mlcd", "mlc": "mlc", "single": "single_label", "per_slot": "per_slot"}
+
+
+def run(cmd: list[str], log: Path) -> None:
+    print(f"$ {shlex.join(cmd)}", flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"ablate: stage failed (exit {proc.returncode}), see {log}: {shlex.join(cmd)}")
+
+
+def shards_pattern(a) -> str:
+    manifest = Path(a.shards_dir) / "manifest.json"
+    if not manifest.exists():
+        run([sys.executable, "-m", "mlcd.data.make_shards", "--source", "fashion_mnist", "--split", "train",
+             "--out", a.shards_dir, "--prefix", "fmnist-train", "--max-per-shard", str(a.max_per_shard),
+             *(["--limit", str(a.limit)] if a.limit else [])], Path(a.cluster_dir) / "shards.log")
+    n = len(json.loads(manifest.read_text())["shards"])
+    return f"{a.shards_dir}/fmnist-train-{{000000..{n - 1:06d}}}.tar"
+
+
+def labels_dir(a, k: int, shards: str) -> Path:
+    """cluster.py for k centers (skips itself when done). Every k clusters the same features: they are extracted
+    once, into features/ beside the cluster dirs, which each cluster dir links to."""
+    out = Path(a.cluster_dir) / f"cluster-k{k}"
+    manifest = out / "labels" / "manifest.json"
+    if not manifest.exists() or not json.loads(manifest.read_text()).get("complete"):
+        out.mkdir(parents=True, exist_ok=True)
+        (Path(a.cluster_dir) / "features").mkdir(exist_ok=True)
+        if not (out / "features").exists():
+            (out / "features").symlink_to(Path("..") / "features")
+        run([sys.executable, "cluster.py", f"shards='{shards}'", f"out_dir={out}", f"kmeans.k={k}", *a.cluster],
+            out / "ablate.log")
+    return out / "labels"
+
+
+def setting(a, row: dict, tuned: dict) -> dict:
+    """Full setting {kind, k, l, r, lr, margin} of a grid row: base, then the row, then the kind's tuned lr/margin."""
+    s = {"kind": "mlcd", **OmegaConf.to_container(a.base), **row}
+    return {**s, **tuned.get(s["kind"], {})}
+
+
+def run_name(s: dict) -> str:
+    return f"k{s['k']}/{s['kind']},l={s['l']},r={s['r']},lr={s['lr']:g},m={s['margin']:g}"
+
+
+def train_and_eval(a, s: dict, seed: int, shards: str, extra=()) -> dict:
+    """One run: train.py then eval_linear_probe.py; result.json in the run dir marks it finished."""
+    out = Path(a.run_dir) / run_name(s) / f"seed={seed}"
+    done = out / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    t0 = time.time()
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}"]
+              if a.nproc > 1 else [sys.executable])
+    run([*launch, "train.py", f"data.train_shards='{shards}'", f"data.labels_dir={labels_dir(a, s['k'], shards)}",
+         f"out_dir='{out}'", f"seed={seed}", f"loss={KIND_LOSS[s['kind']]}", f"data.num_labels={s['l']}",
+         f"loss.sample_ratio={s['r']}", f"optim.lr={s['lr']}", f"loss.margin={s['margin']}", *a.train, *extra],
+        out / "ablate.log")
+    t1 = time.time()
+    run([sys.executable, "eval_linear_probe.py", "backbone.type=mlcd", f"backbone.path='{out}'",
+         "datasets=[fashion_mnist]", f"out_dir='{out / 'eval'}'", f"cache_dir='{out / 'eval' / 'cache'}'", *a.eval],
+        out / "ablate.log")
+    lp, knn = probe_scores(out / "eval" / "results.json")
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    result = {"setting": s, "seed": seed, "linear_probe_top1": lp, "knn_top1": knn,
+              "final_loss": rows[-1]["loss"], "monitor_knn_train_heldout": rows[-1].get("monitor/knn_top1"),
+              "train_seconds": round(t1 - t0, 1), "eval_seconds": round(time.time() - t1, 1)}
+    fileio.write_json(done, result)
+    print(f"  {run_name(s)} seed {seed}: probe {lp:.2f}  kNN {knn:.2f}  ({result['train_seconds']:.0f} s + "
+          f"{result['eval_seconds']:.0f} s)", flush=True)
+    return result
+
+
+def probe_scores(results_json: Path) -> tuple[float, float]:
+    """(linear-probe top-1, kNN top-1) in percent on fashion_mnist from eval_linear_probe.py's results.json."""
+    res = json.loads(results_json.read_text())
+    for entry in res.get("results", []):                    # CLIP_benchmark layout
+        if entry.get("dataset") == "fashion_mnist":
+            m = entry["metrics"]
+            return 100 * m["lp_acc1"], 100 * m["knn_acc1"]
+    r = res["datasets"]["fashion_mnist"]
+    return r["linear_probe"], r["knn"]
+
+
+def tune(a, shards: str) -> tuple[dict, dict]:
+    """({kind: best {lr, margin}}, {kind: every try and its score}) at seed 0, ranked by held-out-train kNN: the
+    test split is not consulted."""
+    best, record = {}, {}
+    for kind in a.tune.kinds:
+        scores = {}
+        for lr in a.tune.lr:
+            for m in a.tune.margin:
+                s = setting(a, {"kind": kind, "l": 1 if kind == "single" else a.base.l}, {})
+                s.update(lr=float(lr), margin=float(m))
+                r = train_and_eval(a, s, 0, shards, a.tune.monitor)
+                scores[(float(lr), float(m))] = r["monitor_knn_train_heldout"]
+        (lr, m), score = max(scores.items(), key=lambda kv: kv[1])
+        best[kind] = {"lr": lr, "margin": m}
+        record[kind] = [{"lr": k[0], "margin": k[1], "heldout_knn": v} for k, v in scores.items()]
+        print(f"tuned {kind}: lr {lr:g}, margin {m:g} (held-out-train kNN {score:.2f})", flush=True)
+    return best, record
+
+
+def grid_rows(a) -> list[tuple[str, dict]]:
+    rows = []
+    for group, items in a.groups.items():
+        if a.only_groups and group not in a.only_groups:
+            continue
+        for row in items:
+            row = OmegaConf.to_container(row)
+            if row.get("kind") == "single":
+                row.setdefault("l", 1)  # single-label training uses the top-1 label only
+            rows.append((group, row))
+    return rows
+
+
+def report(a, best: dict) -> dict:
+    """Aggregate the finished runs of every grid row: mean, std (ddof 1), n; write JSON and plots."""
+    groups = {}
+    for group, row in grid_rows(a):
+        s = setting(a, row, best)
+        runs = [json.loads(p.read_text()) for p in sorted((Path(a.run_dir) / run_name(s)).glob("seed=*/result.json"))
+                if json.loads(p.read_text())["seed"] in a.seeds]
+        stats = {"setting": s, "n": len(runs), "seeds": [r["seed"] for r in runs]}
+        for metric in ("linear_probe_top1", "knn_top1"):
+            v = np.array([r[metric] for r in runs], dtype=float)
+            stats[metric] = {"mean": float(v.mean()) if len(v) else None,
+                             "std": float(v.std(ddof=1)) if len(v) > 1 else None, "values": v.tolist()}
+        groups.setdefault(group, []).append(stats)
+    out = {"bench": "ablation", "what": "the paper's Table 5-6 directions at small scale (Fashion-MNIST, tiny ViT)",
+           "config": OmegaConf.to_container(a), "tuning": best, "groups": groups,
+           "complete": all(g["n"] == len(a.seeds) for rows in groups.values() for g in rows)}
+    results = Path(a.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    fileio.write_json(results / "ablation.json", out)
+    plot(groups, results / "ablation.png")
+    fileio.write_text(results / "ablation.md", markdown(groups) + "\n")
+    print(markdown(groups), flush=True)
+    return out
+
+
+def _label(group: str, s: dict) -> str:
+    return {"loss": s["kind"], "l": f"l={s['l']}", "r": f"r={s['r']}", "k": f"k={s['k']}",
+            "r_at_k5000": f"r={s['r']} (k=5000)"}[group]
+
+
+def markdown(groups: dict) -> str:
+    fmt = lambda st: "-" if st["mean"] is None else (f"{st['mean']:.2f}" + (f" ± {st['std']:.2f}" if st["std"] else ""))  # noqa: E731
+    lines = ["| group | setting | linear probe top-1 | kNN top-1 | n |", "|---|---|---|---|---|"]
+    for group, rows in groups.items():
+        for g in rows:
+            lines.append(f"| {group} | {_label(group, g['setting'])} | {fmt(g['linear_probe_top1'])} | "
+                         f"{fmt(g['knn_top1'])} | {g['n']} |")
+    return "\n".join(lines)
+
+
+def plot(groups: dict, png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, (group, key, log) in zip(axes, [("loss", None, False), ("l", "l", True), ("r", "r", True),
+                                            ("k", "k", True)]):
+        rows = [g for g in groups.get(group, []) if g["n"]]
+        if group == "r_at_k5000":
+            continue
+        xs = list(range(len(rows))) if key is None else [g["setting"][key] for g in rows]
+        for metric, color in (("linear_probe_top1", "C0"), ("knn_top1", "C1")):
+            mean = [g[metric]["mean"] for g in rows]
+            err = [g[metric]["std"] or 0 for g in rows]
+            if key is None:
+                off = -0.2 if color == "C0" else 0.2
+                ax.bar([x + off for x in xs], mean, 0.4, yerr=err, color=color, capsize=3, label=metric)
+                ax.set_xticks(xs, [g["setting"]["kind"] for g in rows])
+            else:
+                ax.errorbar(xs, mean, yerr=err, marker="o", color=color, capsize=3, label=metric)
+        if group == "r":
+            rk = [g for g in groups.get("r_at_k5000", []) if g["n"]]
+            if rk:
+                ax.errorbar([g["setting"]["r"] for g in rk], [g["linear_probe_top1"]["mean"] for g in rk],
+                            yerr=[g["linear_probe_top1"]["std"] or 0 for g in rk], marker="s", ls="--", color="C2",
+                            capsize=3, label="linear probe, k=5000")
+        if log:
+            ax.set_xscale("log")
+        ax.set_title({"loss": "loss kind", "l": "labels per image l", "r": "negative ratio r",
+                      "k": "centers k"}[group])
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("MLCD ablations at small scale (Fashion-MNIST test, mean ± std over seeds)")
+    fig.tight_layout()
+    with fileio.atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    cfg = OmegaConf.merge(OmegaConf.load(CONFIG), OmegaConf.from_dotlist(list(argv if argv is not None else sys.argv[1:])))
+    a = cfg.ablate
+    tuning_file = Path(a.run_dir) / "tuning.json"
+    if a.report_only:
+        if not tuning_file.exists():
+            raise SystemExit(f"ablate: {tuning_file} missing: the tuning phase has not finished, nothing to report")
+        return report(a, json.loads(tuning_file.read_text()))
+    shards = shards_pattern(a)
+    for k in sorted({setting(a, row, {})["k"] for _, row in grid_rows(a)}):
+        labels_dir(a, k, shards)
+    best, record = tune(a, shards)
+    fileio.write_json(tuning_file, {"best": best, "tried": record})
+    for seed in a.seeds:
+        for group, row in grid_rows(a):
+            train_and_eval(a, setting(a, row, best), seed, shards)
+        report(a, best)
+    return report(a, best)
+
+
+if __name__ == "__main__":
+    main()

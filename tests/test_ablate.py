@@ -1,0 +1,72 @@
+"""`python -m mlcd.ablate` end to end at a miniature size: tuning picks by held-out-train kNN, the grid reuses a
+setting two groups share, the aggregate matches the per-run results, and a killed run resumes without redoing
+finished work."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _argv(tmp):
+    return [f"ablate.shards_dir={tmp}/shards", f"ablate.cluster_dir={tmp}/cluster", f"ablate.run_dir={tmp}/runs",
+            f"ablate.results_dir={tmp}/results", "ablate.limit=300", "ablate.max_per_shard=100", "ablate.seeds=[0,1]",
+            "ablate.cluster=[assign.topk=4,extract.batch_size=100,extract.num_workers=0,kmeans.niter=5]",
+            "ablate.train=[train.total_steps=2,train.global_batch_size=16,optim.warmup_steps=1,train.ckpt_every=2,"
+            "train.log_every=1,train.progress_bar=false,logging.wandb.mode=disabled,data.num_workers=0,"
+            "data.shuffle_buffer=20]",
+            f"ablate.eval=[limit_train=200,limit_test=100,num_workers=0]",
+            "ablate.tune.kinds=[mlcd]", "ablate.tune.lr=[1e-3]",
+            "ablate.tune.margin=[0.1,0.3]",
+            "ablate.tune.monitor=[monitor.every=2,monitor.queries=train,monitor.train_size=100,monitor.test_size=50]",
+            "ablate.base={k: 8, l: 2, r: 0.5, lr: 2e-3, margin: 0.3}", "ablate.only_groups=[loss,k]",
+            "ablate.groups.loss=[{kind: mlcd},{kind: single}]", "ablate.groups.k=[{k: 8},{k: 12}]"]
+
+
+def _launch(tmp, log):
+    return subprocess.Popen([sys.executable, "-m", "mlcd.ablate", *_argv(tmp)], cwd=ROOT, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            start_new_session=True)
+
+
+def test_ablate_miniature_kill_and_resume(tmp_path):
+    proc = _launch(tmp_path, tmp_path / "first.log")
+    deadline = time.time() + 600
+    while not list((tmp_path / "runs").glob("*/*/seed=*/result.json")):  # kill once the first run finished
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/*/seed=*/result.json")}
+
+    proc = _launch(tmp_path, tmp_path / "second.log")
+    assert proc.wait(timeout=900) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    assert all(p.stat().st_mtime_ns == t for p, t in first.items())  # finished runs were not redone
+
+    tuning = json.loads((tmp_path / "runs" / "tuning.json").read_text())
+    tried = tuning["tried"]["mlcd"]
+    assert len(tried) == 2 and tuning["best"]["mlcd"]["margin"] == max(tried, key=lambda t: t["heldout_knn"])["margin"]
+    assert set(tuning["best"]) == {"mlcd"}  # single was not tuned here: it runs at base lr and margin
+    agg = json.loads((tmp_path / "results" / "ablation.json").read_text())
+    assert agg["complete"]
+    rows = {(g, r["setting"]["kind"], r["setting"]["k"]): r for g, rs in agg["groups"].items() for r in rs}
+    assert set(rows) == {("loss", "mlcd", 8), ("loss", "single", 8), ("k", "mlcd", 8), ("k", "mlcd", 12)}
+    for row in rows.values():
+        assert row["n"] == 2 and row["seeds"] == [0, 1]
+        v = np.array(row["linear_probe_top1"]["values"])
+        assert abs(row["linear_probe_top1"]["mean"] - v.mean()) < 1e-9
+        assert abs(row["linear_probe_top1"]["std"] - v.std(ddof=1)) < 1e-9
+    # the mlcd row of the loss group and the k = 8 row are one setting: trained once, reported twice
+    assert rows[("loss", "mlcd", 8)]["linear_probe_top1"] == rows[("k", "mlcd", 8)]["linear_probe_top1"]
+    assert rows[("loss", "single", 8)]["setting"]["l"] == 1
+    assert (rows[("loss", "single", 8)]["setting"]["lr"], rows[("loss", "single", 8)]["setting"]["margin"]) == (2e-3, 0.3)
+    assert (tmp_path / "results" / "ablation.png").stat().st_size > 0
+    assert (tmp_path / "results" / "ablation.md").read_text().count("\n") == 2 + 4
+    # every k clustered the features extracted once
+    assert (tmp_path / "cluster" / "cluster-k12" / "features").resolve() == (tmp_path / "cluster" / "features").resolve()
