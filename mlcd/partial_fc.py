@@ -87,6 +87,23 @@ def budget(n_local: int, n_pos: int, ratio: float, rule: str) -> int:
     return max(0, min(n_local, int(math.floor(ratio * n_local + 0.5))) - n_pos)
 
 
+INIT_BLOCK = 65536  # rows per initialisation block
+
+
+def init_rows(start: int, n: int, dim: int, seed: int, std: float = 0.01) -> torch.Tensor:
+    """Rows [start, start + n) of the initial [C, D] center matrix, N(0, std^2). Row i depends on (seed, i) only,
+    through fixed blocks of INIT_BLOCK rows each drawn from its own generator: every world size starts from the
+    same matrix, and a rank draws only the blocks its rows fall in (never the whole matrix)."""
+    out = torch.empty(n, dim)
+    for block in range(start // INIT_BLOCK, (start + n - 1) // INIT_BLOCK + 1 if n else 0):
+        lo = block * INIT_BLOCK
+        g = torch.Generator().manual_seed(mdist.derive_seed("centers", int(seed), block))
+        rows = torch.normal(0.0, std, (INIT_BLOCK, dim), generator=g)
+        a, b = max(start, lo), min(start + n, lo + INIT_BLOCK)
+        out[a - start:b - start] = rows[a - lo:b - lo]
+    return out
+
+
 def check_loss_settings(kind, margin_type, sample_ratio, budget, slots=None) -> None:
     """Refuse a bad loss setting with the key named (train.py calls this before any work)."""
     for key, value, allowed in (("kind", kind, KINDS), ("margin_type", margin_type, MARGIN_TYPES),
@@ -174,7 +191,7 @@ class PartialFC(torch.nn.Module):
         self.shard_spec = ShardSpec(num_classes, mdist.world_size() if world_size is None else world_size)
         self.start, self.n_local = self.shard_spec.bounds(self.rank)
         self.num_classes, self.embed_dim = num_classes, embed_dim
-        self.weight = torch.nn.Parameter(torch.normal(0, 0.01, (self.n_local, embed_dim)))
+        self.weight = torch.nn.Parameter(init_rows(self.start, self.n_local, embed_dim, seed))
         self.last_index = None  # the sampled local rows of the last forward (for logging/tests)
 
     def extra_repr(self) -> str:

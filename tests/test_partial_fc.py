@@ -391,3 +391,15 @@ def test_per_slot_keeps_k_random_slots_per_step():
     assert losses[0] != losses[1]
     with pytest.raises(ValueError, match="loss.slots"):
         PartialFC(C, D, kind="mlcd", slots=2)
+
+
+def test_initial_centers_do_not_depend_on_the_world_size():
+    """Row i of the initial matrix is the same whichever rank of whichever world size holds it."""
+    from mlcd.partial_fc import INIT_BLOCK
+    C, D = INIT_BLOCK + 77, 4  # crosses a block boundary
+    whole = _pfc(C, D, world=1).weight.detach()
+    for world in (2, 3, 7):
+        parts = [_pfc(C, D, rank=r, world=world).weight.detach() for r in range(world)]
+        assert torch.equal(torch.cat(parts), whole), world
+    assert not torch.equal(_pfc(C, D, seed=4).weight, whole)  # and it does depend on the seed
+    assert abs(whole.std().item() - 0.01) < 1e-4

@@ -439,3 +439,31 @@ def test_knn_monitor_logs_and_does_not_change_the_run(dataset, tmp_path):
     assert torch.equal(_full_centers(sh_a), _full_centers(sh_b))
     with pytest.raises(ValueError, match="monitor.every=3"):
         _run_inprocess(_compose(dataset, tmp_path / "bad", **{"monitor.every": 3, "train.log_every": 2}))
+
+
+def test_world_sizes_2_and_3_equal_world_size_1_for_the_same_global_batch(tmp_path):
+    """The step's math across world sizes: fed the same global batches (data.source=synthetic: each rank its
+    slice), W = 2 and 3 give W = 1's losses and final weights. Covers DDP's gradient averaging against PartialFC's
+    embedding-gradient scaling, the global clip norm over backbone and center shards (active: raw norms are far
+    above clip_grad) and accumulation (2 micro-steps). r = 1, so every world size uses every class."""
+    args = {"model": "vit_tiny", "model.image_size": 28, "model.patch_size": 7, "model.width": 32, "model.layers": 2,
+            "model.heads": 2, "model.mlp_dim": 64, "model.embed_dim": 16, "data.source": "synthetic",
+            "data.num_labels": 3, "num_classes": NUM_CLASSES, "seed": 4, "train.global_batch_size": 12,
+            "train.grad_accum": 2, "train.total_steps": 3, "train.ckpt_every": 3, "train.log_every": 1,
+            "train.progress_bar": False, "optim.lr": 1e-3, "optim.warmup_steps": 1, "loss.sample_ratio": 1.0,
+            "logging.wandb.mode": "disabled"}
+    runs = {}
+    for world in (1, 2, 3):
+        out = tmp_path / f"w{world}"
+        _torchrun(world, [f"{k}={v}" for k, v in {**args, "out_dir": str(out)}.items()])
+        rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[world] = ([r["loss"] for r in rows], [r["grad_norm"] for r in rows], *_final_state(out, 3)[1:])
+    loss1, norm1, bb1, sh1 = runs[1]
+    assert min(norm1) > 10  # clipping at 1.0 is active on every step
+    for world in (2, 3):
+        loss, norm, bb, sh = runs[world]
+        np.testing.assert_allclose(loss, loss1, rtol=1e-5)
+        np.testing.assert_allclose(norm, norm1, rtol=1e-4)
+        for k in bb1:
+            torch.testing.assert_close(bb[k], bb1[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"W={world} {k}: {m}")
+        torch.testing.assert_close(_full_centers(sh), _full_centers(sh1), rtol=1e-4, atol=1e-5)

@@ -175,6 +175,27 @@ class TrainStream:
         return {k: int(v) for k, v in zip(mine, summed.tolist())}
 
 
+class SyntheticStream:
+    """data.source=synthetic: random images and labels, the GLOBAL batch of each micro-step drawn from (seed, step,
+    micro) and each rank taking its slice. Every world size therefore trains on the same global batches, which
+    is what checks the step's math across world sizes (tests), and it times the step without I/O (benches)."""
+
+    def __init__(self, cfg, num_classes: int, per_rank_batch: int, image_size: int, grad_accum: int):
+        self.seed, self.num_classes, self.b, self.size = cfg.seed, num_classes, per_rank_batch, image_size
+        self.grad_accum, self.num_labels = grad_accum, int(cfg.data.get("num_labels") or 2)
+
+    def batches(self, step: int):
+        world, rank = dist.world_size(), dist.rank()
+        for micro in range(self.grad_accum):
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "synthetic", step, micro))
+            images = torch.randn(world * self.b, 3, self.size, self.size, generator=g)
+            labels = torch.randint(0, self.num_classes, (world * self.b, self.num_labels), generator=g)
+            yield images[rank * self.b:(rank + 1) * self.b], labels[rank * self.b:(rank + 1) * self.b]
+
+    def skipped(self) -> dict:
+        return {}
+
+
 def train(cfg) -> dict:
     # ---- setup: check settings before any work, then build model, classifier, optimizers ----
     device = dist.init()
@@ -189,7 +210,10 @@ def train(cfg) -> dict:
         raise ValueError(f"data.segment_steps={cfg.data.segment_steps}: must be >= 1")
     loss = cfg.loss
     check_loss_settings(loss.kind, loss.margin_type, loss.sample_ratio, loss.budget, loss.get("slots"))
-    check_num_labels(cfg.data)
+    if cfg.data.source not in ("shards", "synthetic"):
+        raise ValueError(f"data.source={cfg.data.source!r}: shards | synthetic")
+    if cfg.data.source == "shards":
+        check_num_labels(cfg.data)
     num_classes = resolve_num_classes(cfg)
     if cfg.monitor.every < 0 or (cfg.monitor.every and cfg.monitor.every % t.log_every):
         raise ValueError(f"monitor.every={cfg.monitor.every}: 0 (off) or a multiple of train.log_every={t.log_every}")
@@ -239,8 +263,10 @@ def train(cfg) -> dict:
         ddp_model = torch.compile(ddp_model)
     metrics = MetricsLog(run_dir, cfg, start_step, wandb_mode)
     # samples skipped in earlier runs of this training: counted once, on rank 0
-    stream = TrainStream(cfg, per_rank_batch, model.image_size, t.grad_accum,
-                         counters.get("skipped", {}) if dist.is_main() else {})
+    stream = (SyntheticStream(cfg, num_classes, per_rank_batch, model.image_size, t.grad_accum)
+              if cfg.data.source == "synthetic" else
+              TrainStream(cfg, per_rank_batch, model.image_size, t.grad_accum,
+                          counters.get("skipped", {}) if dist.is_main() else {}))
 
     def save(step):
         counters["skipped"] = stream.skipped()
