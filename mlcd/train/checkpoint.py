@@ -177,7 +177,7 @@ def _take_rows(state_of, old: ShardSpec, start: int, n: int) -> tuple[dict, list
         has_optim = has_optim and "optim" in st
         for key in _MOMENTS if "optim" in st else ():
             pieces.setdefault(key, []).append(st["optim"]["state"][0][key][lo:hi])
-    rows = {k: torch.cat(v).clone() for k, v in pieces.items() if k == "weight" or has_optim}
+    rows = {k: torch.cat(v) for k, v in pieces.items() if k == "weight" or has_optim}  # cat copies: no aliasing
     return rows, state_of(overlapping[0]).get("optim", {}).get("param_groups") if has_optim else None
 
 
