@@ -403,3 +403,63 @@ def test_initial_centers_do_not_depend_on_the_world_size():
         assert torch.equal(torch.cat(parts), whole), world
     assert not torch.equal(_pfc(C, D, seed=4).weight, whole)  # and it does depend on the seed
     assert abs(whole.std().item() - 0.01) < 1e-4
+
+
+@torch.no_grad()
+def _sparse_adamw_step_reference(opt):
+    """SparseRowAdamW.step as first written (advanced-index gather and scatter): the step must match it bit for bit."""
+    from mlcd.partial_fc import sparse_rows
+    for group in opt.param_groups:
+        lr, wd, (beta1, beta2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
+        for p in group["params"]:
+            all_rows, all_grads = sparse_rows(p.grad)
+            st = opt.state[p]
+            chunk = max(1, opt.chunk_elems // max(1, p.shape[1]))
+            for i in range(0, all_rows.numel(), chunk):
+                rows, grad = all_rows[i:i + chunk], all_grads[i:i + chunk]
+                t = st["row_step"][rows] + 1
+                st["row_step"][rows] = t
+                w = p[rows].mul_(1 - lr * wd)
+                m = st["exp_avg"][rows].lerp_(grad, 1 - beta1)
+                v = st["exp_avg_sq"][rows].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                t = t.double()[:, None]
+                step_size = (lr / (1 - beta1 ** t)).to(grad.dtype)
+                bc2_sqrt = (1 - beta2 ** t).sqrt().to(grad.dtype)
+                w.sub_(m / (v.sqrt() / bc2_sqrt).add_(eps) * step_size)
+                st["exp_avg"][rows] = m
+                st["exp_avg_sq"][rows] = v
+                p[rows] = w
+
+
+@pytest.mark.parametrize("D,chunk_rows", [(37, 5), (64, 1000)])
+def test_sparse_adamw_bit_identical_to_the_reference_step(D, chunk_rows):
+    """Random sparse gradients summed over micro-steps (rows repeat across them, so the gradient is uncoalesced),
+    scattered rows, runs of consecutive rows (all rows, as at r = 1) and an empty gradient: weights, both moments and
+    row_step equal the reference step's exactly after every step."""
+    n, micro = 300, 3
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(n, D, generator=g) * 0.01) for _ in range(2)]
+    weights[1].data.copy_(weights[0].data)
+    opts = [SparseRowAdamW(w, lr=0.01, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6) for w in weights]
+    for opt in opts:
+        opt.chunk_elems = chunk_rows * D
+    for step in range(8):
+        grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, D), (n, D))
+        for _ in range(micro if step != 5 else 0):
+            if step in (2, 6):                                     # every row: each chunk is a run
+                rows = torch.arange(n)
+            elif step == 4:                                        # a run of consecutive rows, then scattered ones
+                rows = torch.cat([torch.arange(40, 40 + min(3 * chunk_rows, 150)), torch.arange(200, n, 7)])
+            else:
+                rows = torch.randperm(n, generator=g)[:int(torch.randint(1, n // 3, (1,), generator=g))].sort().values
+            vals = torch.randn(rows.numel(), D, generator=g) * 10.0 ** float(torch.randint(-4, 1, (1,), generator=g))
+            grad = grad + torch.sparse_coo_tensor(rows[None], vals, (n, D))
+        for opt, w in zip(opts, weights):
+            opt.param_groups[0]["lr"] = 0.01 * 0.7 ** step
+            w.grad = grad.clone()
+        opts[0].step()
+        _sparse_adamw_step_reference(opts[1])
+        for key in ("exp_avg", "exp_avg_sq", "row_step"):
+            assert torch.equal(opts[0].state[weights[0]][key], opts[1].state[weights[1]][key]), (step, key)
+        assert torch.equal(weights[0], weights[1]), step
+    assert len(set(opts[0].state[weights[0]]["row_step"].tolist())) > 3    # rows really have different step counts

@@ -61,21 +61,33 @@ class SparseRowAdamW(torch.optim.Optimizer):
                     raise TypeError("SparseRowAdamW expects the sparse row gradient produced by PartialFC.forward")
                 all_rows, all_grads = sparse_rows(p.grad)
                 st = self.state[p]
+                row_step, state = st["row_step"], (p, st["exp_avg"], st["exp_avg_sq"])
                 chunk = max(1, self.chunk_elems // max(1, p.shape[1]))
+                # gathered w, m, v and the denominator, reused by every chunk (fresh CPU memory costs page faults)
+                work = p.new_empty((4, min(chunk, all_rows.numel()), p.shape[1]))
                 for i in range(0, all_rows.numel(), chunk):
                     rows, grad = all_rows[i:i + chunk], all_grads[i:i + chunk]
-                    t = st["row_step"][rows] + 1
-                    st["row_step"][rows] = t
-                    w = p[rows].mul_(1 - lr * wd)
-                    m = st["exp_avg"][rows].lerp_(grad, 1 - beta1)
-                    v = st["exp_avg_sq"][rows].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                    t = t.double()[:, None]
-                    step_size = (lr / (1 - beta1 ** t)).to(grad.dtype)
-                    bc2_sqrt = (1 - beta2 ** t).sqrt().to(grad.dtype)
-                    w.sub_(m / (v.sqrt() / bc2_sqrt).add_(eps) * step_size)
-                    st["exp_avg"][rows] = m
-                    st["exp_avg_sq"][rows] = v
-                    p[rows] = w
+                    # rows are sorted and unique: a run of consecutive rows (every chunk at r = 1) is updated in
+                    # place through views; other rows are gathered, updated and written back.
+                    k, (first, last) = rows.numel(), rows[[0, -1]].tolist()
+                    run = last - first + 1 == k
+                    if run:
+                        t, (w, m, v) = row_step[first:first + k], (x[first:first + k] for x in state)
+                    else:
+                        t = row_step.index_select(0, rows)
+                        w, m, v = (torch.index_select(x, 0, rows, out=buf[:k]) for x, buf in zip(state, work))
+                    t.add_(1)
+                    w.mul_(1 - lr * wd)
+                    m.lerp_(grad, 1 - beta1)
+                    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    td = t.double()[:, None]                               # exact per-row bias correction
+                    step_size = (lr / (1 - beta1 ** td)).to(grad.dtype)
+                    bc2_sqrt = (1 - beta2 ** td).sqrt().to(grad.dtype)
+                    denom = torch.sqrt(v, out=work[3, :k]).div_(bc2_sqrt).add_(eps)
+                    w.sub_(torch.div(m, denom, out=denom).mul_(step_size))  # w -= m / denom * step_size
+                    if not run:
+                        for x, new in zip((row_step, *state), (t, w, m, v)):
+                            x.index_copy_(0, rows, new)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
