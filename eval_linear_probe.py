@@ -1,7 +1,12 @@
 """Linear probe + kNN of a frozen backbone on local datasets (CLIP's protocol). See configs/eval_linear_probe.yaml.
 
     python eval_linear_probe.py backbone.type=mlcd backbone.path=runs/demo datasets=[fashion_mnist]
+
+Results (CLIP_benchmark's layout and metric names) go to out_dir/results.json even when some datasets fail;
+the exit status is then 1, with the failed datasets and their reasons printed last.
 """
+import sys
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
@@ -12,10 +17,15 @@ from mlcd.eval import evaluate
 def main(cfg: DictConfig):
     print(OmegaConf.to_yaml(cfg, resolve=True))
     c = OmegaConf.to_container(cfg, resolve=True)
-    evaluate(c["backbone"], c["datasets"], feature=c["feature"], probe=c["probe"], knn=c["knn"],
-             datasets_root=c["datasets_root"], limit_train=c["limit_train"], limit_test=c["limit_test"],
-             seed=c["seed"], cache_dir=c["cache_dir"], out_dir=c["out_dir"], batch_size=c["batch_size"],
-             num_workers=c["num_workers"], device=c["device"], config=c)
+    res = evaluate(c["backbone"], c["datasets"], feature=c["feature"], probe=c["probe"], knn=c["knn"],
+                   datasets_root=c["datasets_root"], limit_train=c["limit_train"], limit_test=c["limit_test"],
+                   seed=c["seed"], cache_dir=c["cache_dir"], out_dir=c["out_dir"], batch_size=c["batch_size"],
+                   num_workers=c["num_workers"], device=c["device"], config=c)
+    if res["failed"]:
+        lines = [f"  {f['dataset']}: {f['error']}" for f in res["failed"]]
+        print(f"\n{len(res['failed'])} of {len(c['datasets'])} datasets FAILED (the others are in "
+              f"{c['out_dir']}/results.json):\n" + "\n".join(lines), file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

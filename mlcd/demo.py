@@ -79,8 +79,9 @@ def main(argv=None) -> dict:
         out = eval_dir / f"backbone{i}"
         run([py, "eval_linear_probe.py", *overrides, f"out_dir={out}", "datasets=[fashion_mnist]",
              *d.eval_overrides], timings)
-        result = json.loads((out / "results.json").read_text())["datasets"]["fashion_mnist"]
-        rows.append({"backbone": name, "linear_probe_top1": result["linear_probe"], "knn_top1": result["knn"]})
+        records = json.loads((out / "results.json").read_text())["results"]
+        m = next(r["metrics"] for r in records if r["dataset"] == "fashion_mnist")   # CLIP_benchmark's layout
+        rows.append({"backbone": name, "linear_probe_top1": 100 * m["lp_acc1"], "knn_top1": 100 * m["knn_acc1"]})
 
     # 5. The table (train.py wrote the loss curve)
     table = ["| backbone | linear probe top-1 | kNN top-1 |", "|---|---|---|"]

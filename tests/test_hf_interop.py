@@ -172,3 +172,53 @@ def test_bad_hf_inputs_are_clear(tmp_path):
         import_hf(tmp_path / "hf")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         import_hf(tmp_path)
+
+
+def test_rope2d_model_refuses_clip_export(tmp_path):
+    """CLIPVisionModel.from_pretrained of a RoPE2D export fills the missing position embedding at random
+    (pooled output off by 0.44 on bigG): the export must refuse the CLIP classes, before writing anything."""
+    rope = build_model(dict(name="tiny_rope", image_size=56, patch_size=14, width=64, layers=2, heads=4,
+                            mlp_dim=256, pos_embed="rope2d", act="gelu", embed_dim=16))
+    for cls in ("CLIPVisionModel", "CLIPVisionModelWithProjection"):
+        with pytest.raises(ValueError, match=f"'tiny_rope' uses RoPE2D.*MLCDVisionModel only, not {cls}"):
+            export_hf(rope, tmp_path / "e", cls)
+    assert not list(tmp_path.iterdir())
+    learned = build_model(dict(image_size=56, patch_size=14, width=64, layers=2, heads=4, mlp_dim=256))
+    with pytest.raises(ValueError, match="MLCDVisionModel is RoPE2D only"):
+        export_hf(learned, tmp_path / "e", "MLCDVisionModel")
+    with pytest.warns(UserWarning, match="projection is not exported"):
+        out = export_hf(rope, tmp_path / "e", "MLCDVisionModel")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["MLCDVisionModel"]
+
+
+def test_exported_processor_crops_like_the_eval_transform(tmp_path):
+    """HF's processor (as saved by the export; every backend this transformers has) and our eval transform on
+    the same non-square images: the same crop box, hence the same pixels (the torchvision backend resamples
+    with its own bicubic, so there only the crop position is compared)."""
+    import numpy as np
+    from PIL import Image
+    from mlcd.eval.backbones import eval_transform
+    out = export_hf(build_model(dict(image_size=56, patch_size=14, width=64, layers=2, heads=4, mlp_dim=256)),
+                    tmp_path / "e")
+    procs = {"CLIPImageProcessor": CLIPImageProcessor.from_pretrained(out)}
+    for name in ("CLIPImageProcessorPil", "CLIPImageProcessorFast"):      # transformers 5 / 4
+        if hasattr(transformers, name):
+            procs[name] = getattr(transformers, name).from_pretrained(out)
+    ours = eval_transform(56)
+    g = np.random.default_rng(0)
+    # (h, w): no resize, the long side 56 + 15 / + 7 / + 3 / + 2 / + 1 (torchvision's CenterCrop rounds 7.5 -> 8,
+    # 3.5 -> 4: 1 px off HF's floor), then resized ones (63 x 56 after resize: + 7 again)
+    sizes = [(56, 71), (63, 56), (56, 59), (58, 56), (56, 57), (73, 64), (90, 120), (300, 61)]
+    for h, w in sizes:
+        img = Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        mine = ours(img)
+        for name, proc in procs.items():
+            theirs = proc(images=img, return_tensors="pt")["pixel_values"][0]
+            assert theirs.shape == mine.shape == (3, 56, 56)
+            if min(h, w) == 56 or name == "CLIPImageProcessorPil":     # no resampling, or PIL's as ours
+                torch.testing.assert_close(theirs, mine, rtol=0, atol=1e-5, msg=f"{name} {h}x{w}")
+            else:                                   # own resampling: the crop must still line up
+                def diff(dy, dx):                   # mean |difference| with ours shifted by (dy, dx)
+                    return float((theirs[:, 1:-1, 1:-1] - mine[:, 1 + dy:55 + dy, 1 + dx:55 + dx]).abs().mean())
+                shifted = min(diff(dy, dx) for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)))
+                assert diff(0, 0) < 0.1 < shifted, (name, h, w, diff(0, 0), shifted)

@@ -1,5 +1,9 @@
 """Linear probe (L-BFGS logistic regression, CLIP's lam search), kNN, feature cache, datasets, output files."""
+import importlib
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,25 +162,117 @@ def test_evaluate_writes_results_skips_missing_and_caches(tmp_path, monkeypatch)
     kw = dict(datasets_root=str(tmp_path), cache_dir=str(tmp_path / "cache"), num_workers=0,
               out_dir=str(tmp_path / "out"), device="cpu", verbose=False, config={"x": 1})
     res = evaluate({"type": "pixels", "image_size": 8}, datasets, **kw)
-    r = res["datasets"]["colours"]
-    assert r["linear_probe"] == 100.0 and r["knn"] == 100.0
-    assert (r["n_train"], r["n_test"], r["feature_dim"], r["metric"]) == (24, 24, 8 * 8 * 3, "top1")
-    assert set(res["skipped"]) == {"cifar10", "gone"}
-    assert "not found" in res["skipped"]["cifar10"] and "does not exist" in res["skipped"]["gone"]
+    (r,) = res["results"]
+    assert r["dataset"] == "colours" and r["metrics"]["lp_acc1"] == 1.0 and r["metrics"]["knn_acc1"] == 1.0
+    d = r["details"]
+    assert (d["n_train"], d["n_test"], d["feature_dim"], d["search_metric"]) == (24, 24, 8 * 8 * 3, "top1")
+    assert [f["dataset"] for f in res["failed"]] == ["cifar10", "gone"]
+    assert "not found" in res["failed"][0]["error"] and "does not exist" in res["failed"][1]["error"]
     on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert on_disk["datasets"]["colours"]["lam"] == r["lam"] and on_disk["feature"] == "pixels"
+    assert on_disk["results"][0]["metrics"] == r["metrics"] and on_disk["feature"] == "pixels"
     table = (tmp_path / "out" / "results.md").read_text()
-    assert "| colours | top1 | 100.00 | 100.00 |" in table and "| **mean** |" in table
-    assert "skipped cifar10" in table and (tmp_path / "out" / "config.yaml").exists()
+    assert "| colours | 100.00 | 100.00 | 100.00 |" in table and "| **mean** |" in table
+    assert "FAILED cifar10" in table and (tmp_path / "out" / "config.yaml").exists()
     assert len(list((tmp_path / "cache").glob("colours-*.npz"))) == 2 and not list((tmp_path / "cache").glob(".*"))
 
     # second run: features come from the cache (extraction would fail), results identical
     monkeypatch.setattr(features_mod, "extract", lambda *a, **k: pytest.fail("cache miss"))
     again = evaluate({"type": "pixels", "image_size": 8}, datasets[:1], **{**kw, "out_dir": None})
-    assert again["datasets"]["colours"]["lam"] == r["lam"]
+    assert again["results"][0]["metrics"] == r["metrics"]
     # a different transform is a different cache key
     with pytest.raises(pytest.fail.Exception):
         evaluate({"type": "pixels", "image_size": 6}, datasets[:1], **{**kw, "out_dir": None})
+
+
+def _write_wds(root, split, samples):
+    """A CLIP_benchmark webdataset split: <root>/<split>/0.tar with s<i>.png + s<i>.cls (label as text)."""
+    import io
+    import tarfile
+    (root / split).mkdir(parents=True)
+    with tarfile.open(root / split / "0.tar", "w") as tf:
+        for i, (img, label) in enumerate(samples):
+            for ext, data in (("png", _png_bytes(img)), ("cls", str(label).encode())):
+                info = tarfile.TarInfo(f"s{i:07d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def _png_bytes(img):
+    import io
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_results_follow_clip_benchmark_layout_and_a_failure_does_not_lose_them(tmp_path, monkeypatch):
+    """Names, record layout and metric names as CLIP_benchmark writes them; metrics checked against sklearn;
+    a dataset that fails mid-run (here: its probe raises) is recorded and results.json is still written."""
+    from sklearn.metrics import balanced_accuracy_score
+    evaluate_mod = importlib.import_module("mlcd.eval.evaluate")      # the module, not the function
+    g = np.random.default_rng(0)
+    colours = [128 + 6 * np.array(c) for c in ((1, 0, 0), (0, 0, 1), (0, 1, 0), (1, 1, 0), (0, 1, 1), (1, 0, 1))]
+    samples = lambda n: [(Image.fromarray(np.clip(np.array(colours[i % 6]) + g.normal(0, 90, (9, 11, 3)),  # noqa: E731
+                                                  0, 255).astype(np.uint8)), i % 6) for i in range(n)]
+    _write_wds(tmp_path / "wds_hues", "train", samples(60))
+    _write_wds(tmp_path / "wds_hues", "test", samples(60))
+    _image_folder(tmp_path / "colours")
+    real_probe = evaluate_mod.probe_features
+    seen = {}
+
+    def probe(xtr, ytr, xval, yval, xte, yte, *a, **k):
+        if xtr.shape[0] < 30:                       # the 24-image colours set: fail it mid-run
+            raise RuntimeError("boom")
+        metrics, details = real_probe(xtr, ytr, xval, yval, xte, yte, *a, **k)
+        seen.update(xall=np.concatenate([xtr, xval]), yall=np.concatenate([ytr, yval]), xte=xte, yte=yte)
+        return metrics, details
+    monkeypatch.setattr(evaluate_mod, "probe_features", probe)
+    out = tmp_path / "out"
+    (out / "clip_benchmark").mkdir(parents=True)
+    (out / "clip_benchmark" / "colours.json").write_text("{}")    # an earlier run's: must not outlive a failure
+    res = evaluate({"type": "pixels", "image_size": 8}, ["wds/hues", {"name": "colours", "type": "imagefolder"}],
+                   datasets_root=str(tmp_path), cache_dir=None, num_workers=0, out_dir=str(out), device="cpu",
+                   verbose=False, probe={"lam": 1e-2})
+    assert res["failed"] == [{"dataset": "colours", "error": f"RuntimeError: boom (root {tmp_path / 'colours'})"}]
+    (r,) = json.loads((out / "results.json").read_text())["results"]
+    assert set(r) == {"dataset", "model", "pretrained", "task", "metrics", "details"}
+    assert (r["dataset"], r["model"], r["pretrained"], r["task"]) == ("wds/hues", "pixels8", "none", "linear_probe")
+    m = r["metrics"]
+    assert {"lp_acc1", "lp_acc5", "lp_mean_per_class_recall", "knn_acc1", "knn_mean_per_class_recall"} <= set(m)
+    # the oracle: the same probe refitted here, scored by numpy top-k and scikit-learn
+    clf = fit_logreg(seen["xall"], seen["yall"], 6, 1e-2, device="cpu")
+    logits = clf.logits(seen["xte"]).numpy()
+    assert m["lp_acc1"] == pytest.approx((logits.argmax(1) == seen["yte"]).mean())
+    assert m["lp_acc5"] == pytest.approx((np.argsort(-logits, 1)[:, :5] == seen["yte"][:, None]).any(1).mean())
+    assert m["lp_mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(seen["yte"], logits.argmax(1)))
+    assert 0 < m["lp_acc1"] < 1 and m["lp_acc1"] <= m["lp_acc5"] <= 1     # fractions, as CLIP_benchmark
+    alone = json.loads((out / "clip_benchmark" / "hues.json").read_text())  # CLIP_benchmark's slug: no wds/
+    assert alone == {k: v for k, v in r.items() if k != "details"}
+    assert [p.name for p in (out / "clip_benchmark").iterdir()] == ["hues.json"]
+
+
+def test_unknown_dataset_name_fails_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(features_mod, "extract", lambda *a, **k: pytest.fail("work started"))
+    _image_folder(tmp_path / "colours")
+    names = [{"name": "colours", "type": "imagefolder", "root": str(tmp_path / "colours")}, "cifar1O"]
+    with pytest.raises(KeyError, match="unknown dataset 'cifar1O'; known: caltech101, cars, cifar10"):
+        evaluate({"type": "pixels"}, names, cache_dir=None, num_workers=0, device="cpu", out_dir=str(tmp_path / "o"),
+                 verbose=False)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="metric must be one of"):
+        evaluate({"type": "pixels"}, [{"name": "cifar10", "metric": "top5"}], verbose=False)
+
+
+def test_entry_script_writes_results_then_exits_nonzero_on_a_failed_dataset(tmp_path):
+    _image_folder(tmp_path / "colours")
+    cmd = [sys.executable, "eval_linear_probe.py", "backbone.type=pixels", "backbone.image_size=8",
+           f"datasets=[{{name: colours, type: imagefolder, root: {tmp_path / 'colours'}}},flowers102]",
+           f"datasets_root={tmp_path}", "cache_dir=null", "num_workers=0", "device=cpu", f"out_dir={tmp_path / 'out'}"]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "1 of 2 datasets FAILED" in proc.stderr and "flowers: RuntimeError: Dataset not found" in proc.stderr
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["dataset"] for r in res["results"]] == ["colours"]
+    assert res["failed"][0]["dataset"] == "flowers"         # the old name, stored as CLIP_benchmark's
 
 
 def test_random_vit_backbone_features_and_fashion_mnist_run(tmp_path):
@@ -197,9 +293,10 @@ def test_random_vit_backbone_features_and_fashion_mnist_run(tmp_path):
     res = evaluate({"type": "random", "model": "vit_tiny", "seed": 1}, ["fashion_mnist"], limit_train=600,
                    limit_test=300, cache_dir=None, num_workers=0, device="cpu", verbose=False,
                    probe={"lam": 1e-2})
-    r = res["datasets"]["fashion_mnist"]
-    assert (r["n_train"], r["n_test"], r["feature_dim"]) == (600, 300, 128)
-    assert 30 < r["linear_probe"] <= 100           # random features are far above chance (10%)
+    r = res["results"][0]
+    assert (r["dataset"], r["model"], r["pretrained"]) == ("fashion_mnist", "vit_tiny", "random_init_seed1")
+    assert (r["details"]["n_train"], r["details"]["n_test"], r["details"]["feature_dim"]) == (600, 300, 128)
+    assert 0.3 < r["metrics"]["lp_acc1"] <= 1      # random features are far above chance (10%)
 
 
 def test_open_clip_features_agree_with_open_clip_forward():
@@ -278,7 +375,55 @@ def test_lbfgs_lengthens_a_too_short_first_step():
     curv, target = 1e-6, torch.full((4,), 50.0, dtype=torch.float64)
 
     def fun(z):
-        g = curv * (z - target)
-        return float(0.5 * curv * ((z - target) ** 2).sum()), g, float(g.abs().max()) <= 1e-8, {}
-    z, n_iter, _, _ = _lbfgs(fun, torch.zeros(4, dtype=torch.float64), max_iter=1000, history_size=10)
-    assert n_iter < 20 and float((z - target).abs().max()) < 1e-2, (n_iter, z)
+        return float(0.5 * curv * ((z - target) ** 2).sum()), curv * (z - target)
+    z, _, _, n_iter, _, stop = _lbfgs(fun, torch.zeros(4, dtype=torch.float64), max_iter=1000, history_size=10,
+                                      gtol=1e-8)
+    assert stop == "converged" and n_iter < 20 and float((z - target).abs().max()) < 1e-2, (n_iter, z)
+
+
+def _reference_fit(x, y, c, lam):
+    """scipy's L-BFGS-B on the same objective, float64, written independently of the module, gtol 1e-10."""
+    from scipy.optimize import minimize
+    x = x.astype(np.float64)
+    n, d = x.shape
+
+    def objective(wb):
+        w, b = wb[:c * d].reshape(c, d), wb[c * d:]
+        z = x @ w.T + b
+        z -= z.max(1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(1, keepdims=True)
+        loss = -np.log(p[np.arange(n), y]).mean() + 0.5 * lam * (w ** 2).sum()
+        p[np.arange(n), y] -= 1
+        return loss, np.concatenate([(p.T @ x / n + lam * w).ravel(), p.sum(0) / n])
+    res = minimize(objective, np.zeros(c * (d + 1)), jac=True, method="L-BFGS-B",
+                   options=dict(gtol=1e-10, ftol=0, maxiter=100000, maxcor=50))
+    return objective, res.fun
+
+
+@pytest.mark.parametrize("lam", [1e-3, 1e-5])
+def test_fit_reaches_the_optimum_at_small_lam(lam):
+    """Nearly separable classes, where the optimum is flat: the old absolute tol (max|grad| 1e-4) stopped
+    0.1% (lam 1e-3) to 10% (lam 1e-5) above it. Both solvers must end within 1e-4 of scipy's optimum."""
+    g = np.random.default_rng(0)
+    means = g.standard_normal((4, 20))
+    y = np.arange(600) % 4
+    x = (means[y] + g.standard_normal((600, 20))).astype(np.float32)
+    objective, best = _reference_fit(x, y, 4, lam)
+    for solver in ("ours", "torch"):
+        clf = fit_logreg(x, y, 4, lam, standardize=False, device="cpu", solver=solver)
+        ours = objective(np.concatenate([clf.weight.double().numpy().ravel(), clf.bias.double().numpy()]))[0]
+        assert (ours - best) / best < 1e-4, (solver, ours, best, clf.n_iter, clf.info)
+    with pytest.warns(RuntimeWarning, match="max_iter=3"):
+        capped = fit_logreg(x, y, 4, lam, standardize=False, device="cpu", max_iter=3)
+    assert capped.info["stop"] == "max_iter" and capped.n_iter == 3
+
+
+def test_probe_needs_no_private_torch_api():
+    """torch.optim.lbfgs._strong_wolfe is private and may vanish: the probe must work without it."""
+    code = ("import torch.optim.lbfgs as l; del l._strong_wolfe\n"
+            "import numpy as np; from mlcd.eval.linear_probe import fit_logreg\n"
+            "x = np.random.default_rng(0).standard_normal((200, 5)).astype('float32'); y = (x[:, 0] > 0) * 1\n"
+            "assert fit_logreg(x, y, 2, 1e-3, device='cpu').info['stop'] != 'max_iter'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

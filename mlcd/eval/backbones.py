@@ -34,10 +34,27 @@ def _to_gray(img):
     return img.convert("L")
 
 
+class CenterCropFloor:
+    """Center crop whose offset is floor((W - size) / 2), as Hugging Face's image processors crop (all
+    versions and backends); torchvision's CenterCrop rounds half to even, 1 px off whenever W - size is 3
+    mod 4. Why: our exported CLIPImageProcessor must see exactly the pixels this eval transform sees."""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+
+    def __call__(self, img):
+        left, top = (img.width - self.size) // 2, (img.height - self.size) // 2
+        return img.crop((left, top, left + self.size, top + self.size))
+
+    def __repr__(self):
+        return f"CenterCropFloor(size={self.size})"
+
+
 def eval_transform(image_size: int):
-    """Resize the shorter side (bicubic), center crop, CLIP normalisation; grayscale -> RGB."""
+    """Resize the shorter side (bicubic), center crop (floor offset), CLIP normalisation; grayscale -> RGB.
+    The same pixels as the CLIPImageProcessor mlcd.models.hf exports (tests/test_hf_interop.py)."""
     return T.Compose([T.Lambda(_to_rgb), T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(image_size), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+                      CenterCropFloor(image_size), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
 def path_signature(path) -> str:
@@ -54,12 +71,14 @@ def path_signature(path) -> str:
 
 
 class Backbone:
-    """A frozen feature extractor: `transform` (PIL -> tensor) and `__call__` (batch -> [B, D])."""
+    """A frozen feature extractor: `transform` (PIL -> tensor) and `__call__` (batch -> [B, D]).
+    `name` and `pretrained` are what CLIP_benchmark's results call `model` and `pretrained`."""
 
-    def __init__(self, kind, model, transform, feature, identity, forward):
+    def __init__(self, kind, model, transform, feature, identity, forward, name: str, pretrained: str):
         self.kind, self.model, self.transform, self.feature = kind, model, transform, feature
         self.identity = dict(identity, type=kind, feature=feature, transform=repr(transform))
         self._forward = forward
+        self.name, self.pretrained = name, pretrained
 
     def to(self, device):
         if self.model is not None:
@@ -139,31 +158,36 @@ def build_backbone(cfg, feature: str = "pooled", grayscale: bool = False) -> Bac
         mode = cfg.get("mode") or ("L" if grayscale else "RGB")
         steps = [T.Lambda(_to_gray if mode == "L" else _to_rgb)]
         if size:
-            steps += [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
+            steps += [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), CenterCropFloor(size)]
         tf = T.Compose(steps + [T.ToTensor()])
-        return Backbone(kind, None, tf, "pixels", {"image_size": size, "mode": mode}, lambda x: x.flatten(1))
+        return Backbone(kind, None, tf, "pixels", {"image_size": size, "mode": mode}, lambda x: x.flatten(1),
+                        name=f"pixels{size or ''}", pretrained="none")
     if kind == "open_clip":
         model, tf, ident, fwd = _open_clip(cfg, feature)
-        return Backbone(kind, model, tf, feature, ident, fwd)
+        pretrained = ident["pretrained"] or f"random_init_seed{ident['seed']}"
+        return Backbone(kind, model, tf, feature, ident, fwd, name=cfg["name"], pretrained=str(pretrained))
     if kind == "mlcd":
         from mlcd.models.loading import load_backbone
         model, model_cfg = load_backbone(cfg["path"])
         ident = {"path": str(Path(cfg["path"]).resolve()), "sig": path_signature(cfg["path"])}
+        pretrained = ident["path"]
     elif kind == "hf":
         from mlcd.models.hf import import_hf
         model = import_hf(cfg["path"])
         ident = {"path": str(Path(cfg["path"]).resolve()), "sig": path_signature(cfg["path"])}
+        pretrained = ident["path"]
     elif kind == "random":
         from mlcd.models import build_model
         model_cfg = _model_cfg(cfg["model"])
         torch.manual_seed(int(cfg.get("seed", 0)))
         model = build_model(model_cfg)
         ident = {"model": model_cfg, "seed": int(cfg.get("seed", 0))}
+        pretrained = f"random_init_seed{ident['seed']}"
     else:
         raise ValueError(f"backbone.type must be mlcd | hf | open_clip | random | pixels, got {kind!r}")
     model.eval()
     return Backbone(kind, model, eval_transform(int(model.image_size)), feature, ident,
-                    _our_vit_forward(model, feature))
+                    _our_vit_forward(model, feature), name=model.cfg.get("name") or "vit", pretrained=pretrained)
 
 
 def identity_key(identity: dict) -> str:

@@ -4,6 +4,8 @@ RoPE2D models <-> `MLCDVisionModel` (model_type mlcd_vision_model, the released 
 learned-position models <-> `CLIPVisionModel`, or `CLIPVisionModelWithProjection` when the model has a
 projection (the released B/32 and L/14-336 MLCD models are `clip_vision_model`s). A full `CLIPModel`
 directory (model_type clip, e.g. OpenAI CLIP) imports as its vision tower plus `visual_projection`.
+A RoPE2D model is never exported as a CLIP class (`hf_class` says why): LLaVA-style code must load it
+with `MLCDVisionModel`.
 
 Exported weights use the `vision_model.` prefix of the released checkpoints (including its `pre_layrnorm`
 spelling), which transformers 4.x and 5.x both load; `visual_projection.weight` sits at the top level.
@@ -28,22 +30,54 @@ _IGNORED_SUFFIXES = ("position_ids", "inv_freq")
 
 
 # ----------------------------------------------------------------------------------------------- configs
-def to_hf_config(cfg):
-    """Our model config -> a transformers config (MLCDVisionConfig or CLIPVisionConfig) with `architectures`."""
+HF_CLASSES = ("MLCDVisionModel", "CLIPVisionModel", "CLIPVisionModelWithProjection")
+
+
+def hf_class(cfg, requested: str | None = None) -> str:
+    """The transformers class an export of this model declares: MLCDVisionModel for RoPE2D, CLIPVisionModel
+    (WithProjection when it has one) for learned positions; `requested` may pick another that fits.
+
+    A RoPE2D model never becomes a CLIP class: CLIPVisionModel has a learned absolute position embedding that
+    nothing in our weights fills, and from_pretrained initialises it randomly with only a log line (measured:
+    the pooled output of an exported bigG then off by 0.44)."""
+    cfg = model_config(cfg)
+    rope = cfg["pos_embed"] == "rope2d"
+    auto = ("MLCDVisionModel" if rope else
+            "CLIPVisionModelWithProjection" if cfg["embed_dim"] else "CLIPVisionModel")
+    if requested in (None, "auto"):
+        return auto
+    if requested not in HF_CLASSES:
+        raise ValueError(f"hf class must be auto or one of {HF_CLASSES}, got {requested!r}")
+    if rope and requested != "MLCDVisionModel":
+        raise ValueError(f"model {cfg['name']!r} uses RoPE2D positions: it exports as MLCDVisionModel only, not "
+                         f"{requested}. {requested} has a learned position embedding that these weights cannot "
+                         "fill; from_pretrained would initialise it randomly and return wrong features. Load the "
+                         "export with transformers.MLCDVisionModel (or AutoModel); LLaVA-style code that hard-codes "
+                         "CLIPVisionModel must be changed to do so.")
+    if not rope and requested == "MLCDVisionModel":
+        raise ValueError(f"model {cfg['name']!r} has learned absolute positions: MLCDVisionModel is RoPE2D only; "
+                         "export as CLIPVisionModel or CLIPVisionModelWithProjection")
+    if requested == "CLIPVisionModelWithProjection" and not cfg["embed_dim"]:
+        raise ValueError(f"model {cfg['name']!r} has no projection: export as CLIPVisionModel")
+    return requested
+
+
+def to_hf_config(cfg, requested: str | None = None):
+    """Our model config -> a transformers config (MLCDVisionConfig or CLIPVisionConfig) with `architectures`
+    (`requested`: see hf_class)."""
     from transformers import CLIPVisionConfig, MLCDVisionConfig
     cfg = model_config(cfg)
+    arch = hf_class(cfg, requested)
     common = dict(hidden_size=cfg["width"], intermediate_size=cfg["mlp_dim"], num_hidden_layers=cfg["layers"],
                   num_attention_heads=cfg["heads"], num_channels=3, image_size=cfg["image_size"],
                   patch_size=cfg["patch_size"], hidden_act=cfg["act"], layer_norm_eps=cfg["ln_eps"],
                   attention_dropout=0.0)
-    if cfg["pos_embed"] == "rope2d":
+    if arch == "MLCDVisionModel":
         hf = MLCDVisionConfig(**common, num_key_value_groups=1,
                               rope_parameters={"rope_theta": ROPE_THETA, "rope_type": "axial"})
-        hf.architectures = ["MLCDVisionModel"]
     else:
-        proj = cfg["embed_dim"]
-        hf = CLIPVisionConfig(**common, projection_dim=proj or cfg["width"])
-        hf.architectures = ["CLIPVisionModelWithProjection" if proj else "CLIPVisionModel"]
+        hf = CLIPVisionConfig(**common, projection_dim=cfg["embed_dim"] or cfg["width"])
+    hf.architectures = [arch]
     return hf
 
 
@@ -203,7 +237,8 @@ def import_hf(hf_dir_or_model):
 
 
 def image_processor(image_size: int):
-    """CLIP preprocessing: resize the shortest side (bicubic) then center crop to image_size, CLIP mean/std."""
+    """CLIP preprocessing: resize the shortest side (bicubic) then center crop to image_size, CLIP mean/std.
+    Its crop is the one mlcd.eval.backbones.eval_transform takes (floor offset; tests/test_hf_interop.py)."""
     from transformers import CLIPImageProcessor
     return CLIPImageProcessor(do_resize=True, size={"shortest_edge": image_size}, resample=3,
                               do_center_crop=True, crop_size={"height": image_size, "width": image_size},
@@ -211,11 +246,13 @@ def image_processor(image_size: int):
                               do_convert_rgb=True)
 
 
-def export_hf(model, out_dir) -> Path:
+def export_hf(model, out_dir, hf_class_name: str | None = None) -> Path:
     """Write a directory `from_pretrained` loads: config.json, model.safetensors, preprocessor_config.json.
+    `hf_class_name` picks the transformers class (default: see hf_class; a RoPE2D model refuses CLIP ones).
     Written to a temp dir beside out_dir and renamed into place (an existing out_dir is replaced)."""
     from safetensors.torch import save_file
     cfg = model_config(model.cfg)
+    hf_config = to_hf_config(cfg, hf_class_name)        # refuses before anything is written
     if cfg["pos_embed"] == "rope2d" and cfg["embed_dim"]:
         warnings.warn("MLCDVisionModel has no projection head: the projection is not exported "
                       "(pooler_output is our `pooled`, not our `embedding`)")
@@ -224,7 +261,6 @@ def export_hf(model, out_dir) -> Path:
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    hf_config = to_hf_config(cfg)
     hf_config.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     hf_config.save_pretrained(tmp)
     save_file(to_hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
@@ -237,7 +273,6 @@ def load_hf_model(hf_dir):
     """The transformers model an exported directory declares (config.json `architectures`)."""
     import transformers
     archs = json.loads((Path(hf_dir) / "config.json").read_text()).get("architectures") or []
-    known = ("MLCDVisionModel", "CLIPVisionModel", "CLIPVisionModelWithProjection")
-    if len(archs) != 1 or archs[0] not in known:
-        raise ValueError(f"{hf_dir}/config.json architectures={archs}: expected one of {known}")
+    if len(archs) != 1 or archs[0] not in HF_CLASSES:
+        raise ValueError(f"{hf_dir}/config.json architectures={archs}: expected one of {HF_CLASSES}")
     return getattr(transformers, archs[0]).from_pretrained(hf_dir)
