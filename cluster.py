@@ -22,6 +22,9 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 FUSIONS = ("mean",)
 
 
+BACKBONE_TYPES = ("mlcd", "hf", "open_clip", "random", "pixels")
+
+
 def check_config(cfg) -> None:
     """Refuse a bad setting before any work (hours of extraction or k-means); the error names key and value."""
     def get(key):
@@ -64,6 +67,24 @@ def check_config(cfg) -> None:
     one_of("extract.precision", PRECISIONS)
     one_of("extract.text", (True, False))
     one_of("extract.fusion", FUSIONS)
+    backbone = get("extract.backbone")
+    if backbone is not None:  # a project backbone instead of open_clip: it must load before any work starts
+        if not OmegaConf.is_dict(backbone) or backbone.get("type") not in BACKBONE_TYPES:
+            fail("extract.backbone", f"a mapping with type one of {list(BACKBONE_TYPES)}, e.g. "
+                                     "{type: mlcd, path: runs/demo}")
+        if get("extract.text"):
+            fail("extract.text", "captions need an open_clip text tower: not with extract.backbone")
+        one_of("extract.feature", ("pooled", "embedding", "patch_mean"))
+        if backbone.get("type") in ("mlcd", "hf"):
+            from mlcd.models.loading import find_checkpoint
+            path = backbone.get("path")
+            try:
+                if backbone.get("type") == "mlcd":
+                    find_checkpoint(path)
+                elif not (Path(str(path)) / "config.json").is_file():
+                    raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model directory)")
+            except (FileNotFoundError, TypeError) as e:
+                fail("extract.backbone.path", str(e))
 
     integer("kmeans.k", 1)
     k = get("kmeans.k")

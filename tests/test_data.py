@@ -361,3 +361,20 @@ def test_k_columns(labelled):
     assert y.shape == (4, 1) and y[:, 0].tolist() == _value_to_index(x)
     with pytest.raises(ValueError, match=r"lab-0000\d\d.*k=2 columns, 3 are needed"):
         next(iter(make_train_loader(urls, labels_dir, 4, 0, 8, seed=0, k=3)))
+
+
+def test_data_eval_transform_crops_like_the_probe_transform():
+    """The loader's EvalTransform and the probe's eval_transform (mlcd.models.backbones) give the same tensor on
+    non-square images of every offset parity, so clustering and evaluation see the same crop."""
+    import numpy as np
+    from PIL import Image
+
+    from mlcd.data.transforms import EvalTransform
+    from mlcd.models.backbones import eval_transform
+
+    rng = np.random.default_rng(0)
+    for w, h in [(31, 24), (27, 24), (24, 37), (50, 29), (24, 24)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        a, b = EvalTransform(24)(img), eval_transform(24)(img)
+        assert a.shape == b.shape == (3, 24, 24)
+        assert float((a - b).abs().max()) < 1e-5, (w, h)

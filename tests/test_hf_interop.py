@@ -197,7 +197,7 @@ def test_exported_processor_crops_like_the_eval_transform(tmp_path):
     with its own bicubic, so there only the crop position is compared)."""
     import numpy as np
     from PIL import Image
-    from mlcd.eval.backbones import eval_transform
+    from mlcd.models.backbones import eval_transform
     out = export_hf(build_model(dict(image_size=56, patch_size=14, width=64, layers=2, heads=4, mlp_dim=256)),
                     tmp_path / "e")
     procs = {"CLIPImageProcessor": CLIPImageProcessor.from_pretrained(out)}

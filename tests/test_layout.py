@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_eval_and_export_import_nothing_from_train():
-    code = ("import sys, mlcd.eval.evaluate, mlcd.eval.backbones, mlcd.export_hf, mlcd.models.loading; "
+    code = ("import sys, mlcd.eval.evaluate, mlcd.models.backbones, mlcd.export_hf, mlcd.models.loading; "
             "print(sorted(m for m in sys.modules if m.startswith('mlcd.train')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout

@@ -13,7 +13,7 @@ from PIL import Image
 
 from mlcd.eval import evaluate, fit_logreg, knn_predict, search_lam
 from mlcd.eval import features as features_mod
-from mlcd.eval.backbones import build_backbone
+from mlcd.models.backbones import build_backbone
 from mlcd.eval.datasets import stratified_pick
 
 

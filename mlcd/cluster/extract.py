@@ -1,4 +1,9 @@
-"""Stage 1: open_clip image (and optionally caption) features, one fp16 file per input shard.
+"""Stage 1: image (and optionally caption) features, one fp16 file per input shard.
+
+The features come from an open_clip model (`extract.model` + `extract.pretrained`: the paper's CLIP teacher) or,
+with `extract.backbone`, from any backbone the linear probe can load (mlcd.models.backbones: one of our runs or
+checkpoints, an exported Hugging Face model, open_clip), through the same loading code and eval transform, so
+that a trained encoder can re-cluster its own data (mlcd.rounds).
 
 Each rank takes shards r, r+W, r+2W, ... and skips shards whose features already exist, so a killed
 run resumes shard by shard. One loader reads this rank's shards, each DataLoader worker whole shards (each
@@ -20,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from mlcd import dist
 from mlcd.cluster.files import check_same, has_features, load_json, versions, write_features
@@ -28,7 +34,7 @@ from mlcd.cluster.report import update_manifest
 from mlcd.data.labels import shard_stem
 
 log = logging.getLogger(__name__)
-EXTRACT_KEYS = ("model", "pretrained", "model_config", "image_size", "text", "fusion")
+EXTRACT_KEYS = ("model", "pretrained", "model_config", "image_size", "text", "fusion", "backbone", "feature")
 
 
 def build_model(ec, seed: int, device):
@@ -49,6 +55,27 @@ def build_model(ec, seed: int, device):
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(ec.model) if ec.text else None
     return model, preprocess, tokenizer
+
+
+class _ProjectBackbone:
+    """A probe backbone (mlcd.models.backbones.Backbone) behind open_clip's encode_image interface."""
+
+    def __init__(self, backbone):
+        self.backbone = backbone
+
+    def encode_image(self, images):
+        return self.backbone(images)
+
+
+def build_backbone_model(ec, device):
+    """(model with encode_image, eval transform, None) for `extract.backbone`; identity for the resume check."""
+    from mlcd.models.backbones import build_backbone
+
+    bb = build_backbone(dict(ec.backbone), ec.feature)
+    bb.to(device)
+    if bb.model is not None:
+        bb.model.eval()
+    return _ProjectBackbone(bb), bb.transform, bb.identity
 
 
 def read_captions(url: str) -> dict[str, str]:
@@ -109,8 +136,7 @@ def extract_shards(model, preprocess, tokenizer, urls: list[str], ec, device):
             s["n_caps"] += n
         if skips is not None:  # the shard's last batch
             del open_[i]
-            feats = torch.cat(s["feats"]).numpy() if s["feats"] else np.zeros((0, int(model.visual.output_dim)),
-                                                                                np.float16)
+            feats = torch.cat(s["feats"]).numpy() if s["feats"] else np.zeros((0, 0), np.float16)
             yield i, feats, s["keys"], skips, s["n_caps"]
 
 
@@ -121,8 +147,13 @@ def run(cfg, cfg_dict: dict, urls: list[str], device) -> None:
     ec = cfg.extract
     fdir = Path(cfg.out_dir) / "features"
     stems = [shard_stem(u) for u in urls]
-    settings = {key: ec[key] for key in EXTRACT_KEYS}
+    settings = {key: ec.get(key) for key in EXTRACT_KEYS}
+    settings["backbone"] = OmegaConf.to_container(ec.backbone) if ec.get("backbone") else None
     settings["seed"] = int(cfg.seed)
+    project = None
+    if settings["backbone"]:  # the checkpoint's signature too: new weights are new features
+        project = build_backbone_model(ec, device)
+        settings["backbone_identity"] = {k: v for k, v in project[2].items() if k != "transform"}
     man_path = fdir / "manifest.json"
     if dist.is_main():
         fdir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +167,7 @@ def run(cfg, cfg_dict: dict, urls: list[str], device) -> None:
     mine = [(u, s) for i, (u, s) in enumerate(zip(urls, stems))
             if i % dist.world_size() == dist.rank() and not has_features(fdir, s)]
     if mine:
-        model, preprocess, tokenizer = build_model(ec, int(cfg.seed), device)
+        model, preprocess, tokenizer = project if project else build_model(ec, int(cfg.seed), device)
         n_img, t0 = 0, time.time()
         bar = tqdm(total=len(mine), desc="extract", unit="shard", disable=not dist.is_main())
         for i, feats, keys, skips, n_caps in extract_shards(model, preprocess, tokenizer, [u for u, _ in mine], ec,

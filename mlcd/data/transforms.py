@@ -86,6 +86,6 @@ class EvalTransform:
         new_w, new_h = (self.size, new_long) if w <= h else (new_long, self.size)
         if (new_w, new_h) != (w, h):
             img = img.resize((new_w, new_h), self.interpolation)
-        left, top = int(round((new_w - self.size) / 2.0)), int(round((new_h - self.size) / 2.0))
+        left, top = (new_w - self.size) // 2, (new_h - self.size) // 2  # floor, as HF and mlcd.models.backbones
         img = img.crop((left, top, left + self.size, top + self.size))
         return to_normalized_tensor(img, self.mean, self.std)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mlcd import fileio
-from mlcd.eval.backbones import build_backbone
+from mlcd.models.backbones import build_backbone
 from mlcd.eval.datasets import canonical_name, default_root, labels_of, load_dataset, stratified_pick
 from mlcd.eval.features import cached_features
 from mlcd.eval.knn import knn_predict
@@ -156,7 +156,7 @@ def evaluate(backbone: dict, datasets, *, feature: str = "pooled", probe: dict |
              limit_test: int | None = None, seed: int = 0, cache_dir: str | None = "runs/feature_cache",
              out_dir: str | None = None, batch_size: int = 256, num_workers: int = 2, device: str = "auto",
              config: dict | None = None, verbose: bool = True) -> dict:
-    """Probe one backbone (a config mapping, see mlcd.eval.backbones) on `datasets` (names or
+    """Probe one backbone (a config mapping, see mlcd.models.backbones) on `datasets` (names or
     {name, root, type, metric} mappings). Returns the results dict; writes results.json, results.md,
     clip_benchmark/<dataset>.json (and config.yaml when `config` is given) into out_dir when set."""
     specs = dataset_specs(datasets, datasets_root)          # all names checked before any work

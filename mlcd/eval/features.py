@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mlcd import fileio
-from mlcd.eval.backbones import Backbone, identity_key
+from mlcd.models.backbones import Backbone, identity_key
 
 
 class _Transformed(Dataset):

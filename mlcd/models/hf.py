@@ -238,7 +238,7 @@ def import_hf(hf_dir_or_model):
 
 def image_processor(image_size: int):
     """CLIP preprocessing: resize the shortest side (bicubic) then center crop to image_size, CLIP mean/std.
-    Its crop is the one mlcd.eval.backbones.eval_transform takes (floor offset; tests/test_hf_interop.py)."""
+    Its crop is the one mlcd.models.backbones.eval_transform takes (floor offset; tests/test_hf_interop.py)."""
     from transformers import CLIPImageProcessor
     return CLIPImageProcessor(do_resize=True, size={"shortest_edge": image_size}, resample=3,
                               do_center_crop=True, crop_size={"height": image_size, "width": image_size},

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from mlcd.eval.backbones import eval_transform
+from mlcd.models.backbones import eval_transform
 from mlcd.eval.datasets import labels_of, load_dataset, stratified_pick
 from mlcd.eval.knn import knn_predict
 

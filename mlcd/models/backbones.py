@@ -1,5 +1,6 @@
-"""Frozen backbones for probing: what image goes in (the backbone's eval transform) and which
-feature comes out.
+"""Frozen backbones: what image goes in (the backbone's eval transform) and which feature comes out. The one
+loading path for every consumer of a trained or external encoder: the linear probe (mlcd/eval), feature
+extraction for clustering (cluster.py extract.backbone) and the training monitor.
 
 types:  mlcd      our training checkpoint (mlcd.models.loading.load_backbone)
         hf        an HF CLIPVisionModel / MLCDVisionModel directory (mlcd.models.hf.import_hf)
