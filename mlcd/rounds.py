@@ -1,0 +1,333 @@
+"""Self-training rounds, DeepCluster-style: cluster -> train -> cluster with the new encoder -> train ...
+
+    python -m mlcd.rounds [rounds.key=value ...]        (settings: configs/rounds.yaml)
+
+Round 0 clusters the demo's shards with the teacher (cluster.py's open_clip settings); round i >= 1 clusters them
+with round i-1's final checkpoint (`extract.backbone={type: mlcd, path: <checkpoint>}`), and trains from that
+checkpoint's backbone (`rounds.init=previous`, class centers not taken: the clustering changes) or from scratch.
+After each round's training, the linear probe + kNN on Fashion-MNIST test; once, the baselines (raw pixels, the
+teacher's features). Under rounds.root:
+    round{i}/{cluster,train,eval}/        each stage's output dir, its log ({stage}.log) and, once it finished,
+    round{i}/{cluster,train,eval}.json    a marker (command line, seconds, results): a finished stage is skipped
+    baselines/{pixels,teacher}(.json)
+    settings.json                         what the rounds were made with: a re-run with other settings is refused
+    rounds_report.json, rounds_report.md, rounds.png
+Label agreement between rounds: top-1 label ids of two clusterings are arbitrary, so the report gives the adjusted
+mutual information (keys aligned) between consecutive rounds and with the true classes (the shards' `.cls`),
+the majority-class purity, and the fraction of images that left their old cluster's majority successor.
+Like mlcd.demo and mlcd.ablate, every stage runs as the command line it prints.
+"""
+import json
+import shlex
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from mlcd import fileio
+from mlcd.ablate import probe_scores
+from mlcd.data.labels import read_shard_labels
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "rounds.yaml"
+STAGES = ("cluster", "train", "eval")
+# settings that decide the results: a root made with others is refused (num_rounds may grow)
+SETTINGS = ("init", "init_from", "feature", "shards_dir", "limit", "max_per_shard", "nproc", "cluster", "train", "eval")
+
+
+def show(cmd: list[str]) -> str:
+    """The command line to paste into a shell; hydra's quoted values ('...' inside) go in double quotes."""
+    def q(a):
+        return a if shlex.quote(a) == a else f'"{a}"' if not set('"$`\\!') & set(a) else shlex.quote(a)
+    return " ".join(q(a) for a in cmd)
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """One stage as a subprocess (output appended to `log`); returns its seconds; a failure names the stage."""
+    print(f"$ {show(cmd)}", flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log, "a") as f:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
+        raise SystemExit(f"{tail}\nrounds: stage failed (exit {proc.returncode}), log {log}: {show(cmd)}")
+    return round(time.time() - t0, 1)
+
+
+def load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def stage(marker: Path, cmd: list[str], extra=lambda: {}) -> dict:
+    """Run `cmd` unless `marker` says it finished; the marker (command, seconds, `extra()`) is written after."""
+    done = load(marker)
+    if done is None:
+        seconds = run(cmd, marker.with_suffix(".log"))
+        done = {"cmd": show(cmd), "seconds": seconds, **extra()}
+        fileio.write_json(marker, done)
+    return done
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def train_model_cfg(train_overrides) -> dict:
+    """The model config train.py will build with these overrides (hydra compose: reads configs, runs nothing)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(REPO / "configs"), version_base=None):
+        cfg = compose("train", overrides=list(train_overrides))
+    return OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def check_init(path, model_cfg: dict, what: str) -> Path:
+    """The checkpoint a training will start from: it exists and its model is the config's (train.py's rule:
+    only image_size and name may differ). Returns the checkpoint directory."""
+    from mlcd.models.loading import find_checkpoint, read_manifest
+
+    try:
+        ckpt = find_checkpoint(path)
+    except FileNotFoundError as e:
+        raise SystemExit(f"rounds: {what}={path}: {e}") from None
+    theirs = read_manifest(ckpt).get("model", {})
+    for key in sorted(set(theirs) | set(model_cfg)):
+        if key not in ("image_size", "name") and theirs.get(key) != model_cfg.get(key):
+            raise SystemExit(f"rounds: {what}={ckpt}: model.{key} is {theirs.get(key)!r} there but "
+                             f"{model_cfg.get(key)!r} in the training config (rounds.train): it cannot initialise it")
+    return ckpt
+
+
+def check(r, root: Path) -> dict:
+    """Everything that can be refused before any work; returns the settings to record."""
+    if r.init not in ("previous", "scratch"):
+        raise SystemExit(f"rounds.init={r.init!r}: previous | scratch")
+    if r.feature not in ("embedding", "pooled", "patch_mean"):
+        raise SystemExit(f"rounds.feature={r.feature!r}: embedding | pooled | patch_mean")
+    for key in ("num_rounds", "nproc"):
+        if not isinstance(r[key], int) or r[key] < 1:
+            raise SystemExit(f"rounds.{key}={r[key]!r}: an integer >= 1")
+    rc = OmegaConf.to_container(r, resolve=True)
+    settings = {k: rc[k] for k in SETTINGS}
+    old = load(root / "settings.json")
+    if old is not None and old != settings:
+        diff = "; ".join(f"rounds.{k}: {old.get(k)!r} there, {settings[k]!r} now" for k in SETTINGS
+                         if old.get(k) != settings[k])
+        raise SystemExit(f"rounds: {root} holds rounds made with other settings ({diff}); "
+                         "choose another rounds.root, or delete it to start over")
+    if r.init_from:
+        check_init(r.init_from, train_model_cfg(r.train), "rounds.init_from")
+    for i in range(r.num_rounds):  # a finished training the next round builds on must still be there
+        done = load(root / f"round{i}" / "train.json")
+        if done and i + 1 < r.num_rounds and not Path(done["checkpoint"]).is_dir():
+            raise SystemExit(f"rounds: round {i}'s checkpoint {done['checkpoint']} is gone (round {i + 1} clusters "
+                             f"with it); delete {root / f'round{i}'} and later rounds to redo them")
+    return settings
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def shards_pattern(r) -> tuple[str, list[Path]]:
+    """(brace pattern, tar paths) of the demo's shards, made when missing."""
+    sd = Path(r.shards_dir)
+    if not (sd / "manifest.json").exists():
+        run([sys.executable, "-m", "mlcd.data.make_shards", "--source", "fashion_mnist", "--split", "train",
+             "--out", str(sd), "--prefix", "fmnist-train", "--max-per-shard", str(r.max_per_shard),
+             *(["--limit", str(r.limit)] if r.limit else [])], sd.parent / "make_shards.log")
+    names = [s["name"] for s in json.loads((sd / "manifest.json").read_text())["shards"]]
+    return f"{sd}/fmnist-train-{{000000..{len(names) - 1:06d}}}.tar", [sd / n for n in names]
+
+
+def one_round(r, root: Path, i: int, shards: str) -> None:
+    """Cluster, train, probe round i (each step skipped once finished)."""
+    d, py = root / f"round{i}", sys.executable
+    prev = load(root / f"round{i - 1}" / "train.json")["checkpoint"] if i else None
+    init = prev if i and r.init == "previous" else (r.init_from if not i else None)
+    if init:  # before the round's clustering: it fails now, not after
+        check_init(init, train_model_cfg(r.train), f"round {i}: train.init_from")
+    teacher = [f"extract.backbone={{type: mlcd, path: '{prev}'}}", f"extract.feature={r.feature}"] if i else []
+    stage(d / "cluster.json", [py, "cluster.py", f"shards='{shards}'", f"out_dir='{d / 'cluster'}'", *r.cluster,
+                               *teacher])
+
+    launch = ([py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={r.nproc}"]
+              if r.nproc > 1 else [py])
+
+    def newest_checkpoint():
+        from mlcd.models.loading import find_checkpoint
+        return {"checkpoint": str(find_checkpoint(d / "train").resolve()), "init_from": str(init) if init else None}
+    trained = stage(d / "train.json", [
+        *launch, "train.py", f"data.train_shards='{shards}'", f"data.labels_dir='{d / 'cluster' / 'labels'}'",
+        f"out_dir='{d / 'train'}'", *([f"train.init_from='{init}'", "train.init_centers=false"] if init else []),
+        *r.train], newest_checkpoint)
+    evaluate(r, d / "eval", ["backbone.type=mlcd", f"backbone.path='{trained['checkpoint']}'"])
+
+
+def evaluate(r, out: Path, backbone: list[str]) -> dict:
+    def scores():
+        lp, knn = probe_scores(out / "results.json")
+        return {"linear_probe_top1": lp, "knn_top1": knn}
+    return stage(out.with_suffix(".json"), [sys.executable, "eval_linear_probe.py", *backbone,
+                                            "datasets=[fashion_mnist]", f"out_dir='{out}'", *r.eval], scores)
+
+
+def baselines(r, root: Path) -> dict:
+    """Raw pixels and the round-0 teacher's features (as mlcd.demo evaluates them), once."""
+    e = OmegaConf.load(root / "round0" / "cluster" / "config.yaml")
+    ec = e.extract
+    if ec.get("backbone"):
+        teacher = [f"backbone.type={ec.backbone.type}", f"backbone.path='{ec.backbone.path}'",
+                   f"feature={ec.feature}"]
+        name = f"teacher features ({ec.backbone.type} {ec.backbone.path})"
+    else:
+        teacher = ["backbone.type=open_clip", f"backbone.name={ec.model}",
+                   f"backbone.pretrained={ec.pretrained or 'null'}", f"backbone.seed={e.seed}",
+                   f"backbone.image_size={ec.image_size or 'null'}", "feature=embedding"]
+        name = f"teacher features ({ec.model}, {ec.pretrained or 'random init'})"
+    return {"raw pixels": evaluate(r, root / "baselines" / "pixels", ["backbone.type=pixels"]),
+            name: evaluate(r, root / "baselines" / "teacher", teacher)}
+
+
+# ------------------------------------------------------------------------------------------------ label metrics
+def top1_labels(labels_dir: Path, tars: list[Path]) -> dict[str, int]:
+    """{key: top-1 center id} over every shard's label file."""
+    out = {}
+    for tar in tars:
+        keys, labels, _ = read_shard_labels(labels_dir, tar.name.removesuffix(".tar"))
+        out.update(zip(keys, labels[:, 0].tolist()))
+    return out
+
+
+def true_classes(tars: list[Path]) -> dict[str, int]:
+    """{key: class} from the shards' `.cls` members (make_shards writes them for Fashion-MNIST); {} if none."""
+    out = {}
+    for tar in tars:
+        with tarfile.open(tar) as tf:
+            for m in tf:
+                if m.name.endswith(".cls"):
+                    out[m.name[: -len(".cls")]] = int(tf.extractfile(m).read())
+    return out
+
+
+def follow_majority(a: np.ndarray, b: np.ndarray) -> float:
+    """Fraction of images whose b-label is the most common b-label among the images sharing their a-label:
+    purity when a = cluster, b = class; 1 - (top-1 changed after mapping each old cluster to its majority
+    successor) when a = previous round, b = this round."""
+    from sklearn.metrics.cluster import contingency_matrix
+    return float(contingency_matrix(a, b, sparse=True).max(axis=1).sum() / len(a))
+
+
+def label_metrics(cur: dict, prev: dict | None, classes: dict) -> dict:
+    from sklearn.metrics import adjusted_mutual_info_score as ami
+
+    keys = sorted(cur)
+    a = np.array([cur[k] for k in keys])
+    m = {"images": len(keys), "clusters_used": int(len(np.unique(a))), "ami_vs_classes": None, "purity": None,
+         "ami_vs_previous": None, "top1_changed_after_majority_mapping": None}
+    if classes:
+        c = np.array([classes[k] for k in keys])
+        m.update(ami_vs_classes=float(ami(c, a)), purity=follow_majority(a, c))
+    if prev is not None:
+        if set(prev) != set(cur):
+            raise ValueError(f"rounds: two rounds labelled different images ({len(prev)} vs {len(cur)} keys)")
+        p = np.array([prev[k] for k in keys])
+        m.update(ami_vs_previous=float(ami(p, a)), top1_changed_after_majority_mapping=1 - follow_majority(p, a))
+    return m
+
+
+# ------------------------------------------------------------------------------------------------ report
+def report(r, root: Path, tars: list[Path], classes: dict, base: dict | None) -> dict:
+    prev, rows = None, []
+    for i in range(r.num_rounds):
+        d = root / f"round{i}"
+        cl, tr, ev = (load(d / f"{s}.json") for s in STAGES)
+        if cl is None:
+            break
+        cur = top1_labels(d / "cluster" / "labels", tars)
+        teacher = load(root / f"round{i - 1}" / "train.json")["checkpoint"] if i else "teacher"
+        row = {"round": i, "clustered_with": teacher,
+               "num_classes": load(d / "cluster" / "labels" / "manifest.json")["num_classes"],
+               **label_metrics(cur, prev, classes)}
+        row.update({k: tr and tr[k] for k in ("init_from", "checkpoint")})
+        row.update({k: ev and ev[k] for k in ("linear_probe_top1", "knn_top1")})
+        row["seconds"] = {s: m and m["seconds"] for s, m in zip(STAGES, (cl, tr, ev))}
+        rows.append(row)
+        prev = cur
+    base = {k: {m: v[m] for m in ("linear_probe_top1", "knn_top1")} for k, v in (base or {}).items()}
+    out = {"what": "self-training rounds (cluster -> train -> cluster with the new encoder ...) on Fashion-MNIST",
+           "rounds": rows, "baselines": base, "settings": OmegaConf.to_container(r, resolve=True),
+           "complete": len(rows) == r.num_rounds and all(x["knn_top1"] is not None for x in rows) and bool(base)}
+    fileio.write_json(root / "rounds_report.json", out)
+    fileio.write_text(root / "rounds_report.md", markdown(rows, base) + "\n")
+    plot(rows, base, root / "rounds.png")
+    return out
+
+
+def markdown(rows: list, base: dict) -> str:
+    f = lambda v, pct=False: "-" if v is None else (f"{v:.2f}" if pct else f"{v:.3f}")  # noqa: E731
+    lines = ["| round | clustered with | AMI(labels, classes) | purity | AMI(vs previous round) | "
+             "top-1 changed (after majority mapping) | linear probe top-1 | kNN top-1 |", "|---" * 8 + "|"]
+    for x in rows:
+        src = "teacher" if x["round"] == 0 else f"round {x['round'] - 1} encoder"
+        lines.append(f"| {x['round']} | {src} | {f(x['ami_vs_classes'])} | {f(x['purity'])} | "
+                     f"{f(x['ami_vs_previous'])} | {f(x['top1_changed_after_majority_mapping'])} | "
+                     f"{f(x['linear_probe_top1'], True)} | {f(x['knn_top1'], True)} |")
+    for name, v in base.items():
+        lines.append(f"| baseline | {name} | - | - | - | - | {f(v['linear_probe_top1'], True)} | "
+                     f"{f(v['knn_top1'], True)} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list, base: dict, png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    done = [x for x in rows if x["knn_top1"] is not None]
+    for key, color, label in (("linear_probe_top1", "C0", "linear probe"), ("knn_top1", "C1", "kNN")):
+        ax.plot([x["round"] for x in done], [x[key] for x in done], marker="o", color=color, label=label)
+        for (name, v), ls in zip(base.items(), ("--", ":")):
+            ax.axhline(v[key], color=color, ls=ls, lw=1, label=f"{label}: {name}")
+    ax.set(xlabel="round", ylabel="top-1 on Fashion-MNIST test (%)", title="probe per round")
+    ax.legend(fontsize=7)
+    for key, color, label in (("ami_vs_classes", "C2", "AMI(labels, classes)"),
+                              ("ami_vs_previous", "C3", "AMI(labels, previous round)")):
+        pts = [(x["round"], x[key]) for x in rows if x[key] is not None]
+        ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=label)
+    ax2.set(xlabel="round", ylabel="AMI", title="top-1 labels")
+    ax2.legend(fontsize=7)
+    for a in (ax, ax2):
+        a.grid(alpha=0.3)
+        a.set_xticks([x["round"] for x in rows] or [0])
+    fig.tight_layout()
+    with fileio.atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    argv = list(argv if argv is not None else sys.argv[1:])
+    cfg = OmegaConf.merge(OmegaConf.load(CONFIG), OmegaConf.from_dotlist(argv))
+    r = cfg.rounds
+    r.root, r.shards_dir = str(Path(r.root).resolve()), str(Path(r.shards_dir).resolve())
+    if r.init_from:
+        r.init_from = str(Path(r.init_from).resolve())
+    root = Path(r.root)
+    settings = check(r, root)
+    root.mkdir(parents=True, exist_ok=True)
+    fileio.write_json(root / "settings.json", settings)
+    shards, tars = shards_pattern(r)
+    classes = true_classes(tars)
+    for i in range(r.num_rounds):
+        one_round(r, root, i, shards)
+        report(r, root, tars, classes, None)
+    out = report(r, root, tars, classes, baselines(r, root))
+    print(markdown(out["rounds"], out["baselines"]))
+    print(f"\nrounds: report {root / 'rounds_report.json'}, table {root / 'rounds_report.md'}, "
+          f"plot {root / 'rounds.png'}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
