@@ -388,6 +388,7 @@ def test_wandb_mode_from_the_environment_unless_the_config_says(monkeypatch):
     ("loss.sample_ratio", 1.5, "loss.sample_ratio=1.5"),
     ("loss.sample_ratio", -0.1, "loss.sample_ratio=-0.1"),
     ("data.num_labels", 3, "data.num_labels=3: the label files"),  # the fixture's label files hold 2 per image
+    ("data.train_shards", "/nonexistent/x-{000..001}.tar", "2 of 2 shards do not exist"),
 ])
 def test_bad_loss_and_label_settings_fail_before_work(dataset, tmp_path, key, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -84,9 +84,8 @@ def run(cfg, cfg_dict: dict, urls: list[str], device_id=None) -> None:
     import torch
     from tqdm import tqdm
 
-    from mlcd import dist
+    from mlcd import dist, fileio
     from mlcd.cluster.files import check_same, load_json, read_features, sample_rows, versions
-    from mlcd import fileio
     from mlcd.cluster.kmeans import use_gpu
     from mlcd.cluster.report import update_manifest
     from mlcd.data.labels import has_shard_labels, shard_stem, write_shard_labels

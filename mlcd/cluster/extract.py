@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from mlcd import dist
+from mlcd import dist, fileio
 from mlcd.cluster.files import check_same, has_features, load_json, versions, write_features
-from mlcd import fileio
 from mlcd.cluster.report import update_manifest
 from mlcd.data.labels import shard_stem
 
@@ -61,7 +60,11 @@ class _ProjectBackbone:
     """A probe backbone (mlcd.models.backbones.Backbone) behind open_clip's encode_image interface."""
 
     def __init__(self, backbone):
+        from PIL import Image
+
         self.backbone = backbone
+        self.visual = type("Visual", (), {})()  # open_clip's model.visual.output_dim: the feature width
+        self.visual.output_dim = int(backbone(backbone.transform(Image.new("RGB", (64, 64)))[None]).shape[1])
 
     def encode_image(self, images):
         return self.backbone(images)
@@ -136,7 +139,8 @@ def extract_shards(model, preprocess, tokenizer, urls: list[str], ec, device):
             s["n_caps"] += n
         if skips is not None:  # the shard's last batch
             del open_[i]
-            feats = torch.cat(s["feats"]).numpy() if s["feats"] else np.zeros((0, 0), np.float16)
+            feats = torch.cat(s["feats"]).numpy() if s["feats"] else np.zeros((0, int(model.visual.output_dim)),
+                                                                                np.float16)
             yield i, feats, s["keys"], skips, s["n_caps"]
 
 

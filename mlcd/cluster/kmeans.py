@@ -311,8 +311,8 @@ def run(cfg, cfg_dict: dict, stems: list[str]) -> None:
     """Stage 2, rank 0 only: sample features, train, write centers.npy + kmeans_report.json + PNG."""
     from pathlib import Path
 
-    from mlcd.cluster.files import check_same, load_json, sample_rows, sha256
     from mlcd import fileio
+    from mlcd.cluster.files import check_same, load_json, sample_rows, sha256
     from mlcd.cluster.report import plot_sizes, update_manifest
 
     out, kc = Path(cfg.out_dir), cfg.kmeans

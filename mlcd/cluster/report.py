@@ -4,8 +4,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mlcd.cluster.files import load_json, versions
 from mlcd import fileio
+from mlcd.cluster.files import load_json, versions
 
 
 def update_manifest(directory, cfg: dict, section: str | None = None, data: dict | None = None) -> dict:
@@ -32,8 +32,6 @@ def plot_sizes(sizes: np.ndarray, path, title: str) -> None:
     ax.set_ylabel("clusters (log)")
     ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with fileio.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(path)

@@ -213,6 +213,7 @@ def train(cfg) -> dict:
     if cfg.data.source not in ("shards", "synthetic"):
         raise ValueError(f"data.source={cfg.data.source!r}: shards | synthetic")
     if cfg.data.source == "shards":
+        expand_urls(cfg.data.train_shards)  # a pattern that matches nothing fails here, before any output or wandb
         check_num_labels(cfg.data)
     num_classes = resolve_num_classes(cfg)
     if cfg.monitor.every < 0 or (cfg.monitor.every and cfg.monitor.every % t.log_every):
