@@ -30,7 +30,7 @@ CONFIG = REPO / "configs" / "ablate.yaml"
 KIND_LOSS = {"mlcd": "mlcd", "mlc": "mlc", "single": "single_label", "per_slot": "per_slot"}
 
 
-def run(cmd: list[str], log: Path) -> None:
+def run_stage(cmd: list[str], log: Path) -> None:
     print(f"$ {shlex.join(cmd)}", flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
@@ -42,7 +42,7 @@ def run(cmd: list[str], log: Path) -> None:
 def shards_pattern(a) -> str:
     manifest = Path(a.shards_dir) / "manifest.json"
     if not manifest.exists():
-        run([sys.executable, "-m", "mlcd.data.make_shards", "--source", "fashion_mnist", "--split", "train",
+        run_stage([sys.executable, "-m", "mlcd.data.make_shards", "--source", "fashion_mnist", "--split", "train",
              "--out", a.shards_dir, "--prefix", "fmnist-train", "--max-per-shard", str(a.max_per_shard),
              *(["--limit", str(a.limit)] if a.limit else [])], Path(a.cluster_dir) / "shards.log")
     n = len(json.loads(manifest.read_text())["shards"])
@@ -59,7 +59,7 @@ def labels_dir(a, k: int, shards: str) -> Path:
         (Path(a.cluster_dir) / "features").mkdir(exist_ok=True)
         if not (out / "features").exists():
             (out / "features").symlink_to(Path("..") / "features")
-        run([sys.executable, "cluster.py", f"shards='{shards}'", f"out_dir={out}", f"kmeans.k={k}", *a.cluster],
+        run_stage([sys.executable, "cluster.py", f"shards='{shards}'", f"out_dir={out}", f"kmeans.k={k}", *a.cluster],
             out / "ablate.log")
     return out / "labels"
 
@@ -83,12 +83,12 @@ def train_and_eval(a, s: dict, seed: int, shards: str, extra=()) -> dict:
     t0 = time.time()
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}"]
               if a.nproc > 1 else [sys.executable])
-    run([*launch, "train.py", f"data.train_shards='{shards}'", f"data.labels_dir={labels_dir(a, s['k'], shards)}",
+    run_stage([*launch, "train.py", f"data.train_shards='{shards}'", f"data.labels_dir={labels_dir(a, s['k'], shards)}",
          f"out_dir='{out}'", f"seed={seed}", f"loss={KIND_LOSS[s['kind']]}", f"data.num_labels={s['l']}",
          f"loss.sample_ratio={s['r']}", f"optim.lr={s['lr']}", f"loss.margin={s['margin']}", *a.train, *extra],
         out / "ablate.log")
     t1 = time.time()
-    run([sys.executable, "eval_linear_probe.py", "backbone.type=mlcd", f"backbone.path='{out}'",
+    run_stage([sys.executable, "eval_linear_probe.py", "backbone.type=mlcd", f"backbone.path='{out}'",
          "datasets=[fashion_mnist]", f"out_dir='{out / 'eval'}'", f"cache_dir='{out / 'eval' / 'cache'}'", *a.eval],
         out / "ablate.log")
     lp, knn = probe_scores(out / "eval" / "results.json")
@@ -113,9 +113,9 @@ def probe_scores(results_json: Path) -> tuple[float, float]:
     return r["linear_probe"], r["knn"]
 
 
-def tune(a, shards: str) -> tuple[dict, dict]:
+def tune(a, shards: str | None) -> tuple[dict, dict]:
     """({kind: best {lr, margin}}, {kind: every try and its score}) at seed 0, ranked by held-out-train kNN: the
-    test split is not consulted."""
+    test split is not consulted. shards=None: only read the tries that finished (a kind is tuned when all are)."""
     best, record = {}, {}
     for kind in a.tune.kinds:
         scores = {}
@@ -123,11 +123,16 @@ def tune(a, shards: str) -> tuple[dict, dict]:
             for m in a.tune.margin:
                 s = setting(a, {"kind": kind, "l": 1 if kind == "single" else a.base.l}, {})
                 s.update(lr=float(lr), margin=float(m))
+                done = Path(a.run_dir) / run_name(s) / "seed=0" / "result.json"
+                if shards is None and not done.exists():
+                    continue
                 r = train_and_eval(a, s, 0, shards, a.tune.monitor)
                 scores[(float(lr), float(m))] = r["monitor_knn_train_heldout"]
+        record[kind] = [{"lr": k[0], "margin": k[1], "heldout_knn": v} for k, v in scores.items()]
+        if len(scores) < len(a.tune.lr) * len(a.tune.margin):
+            continue
         (lr, m), score = max(scores.items(), key=lambda kv: kv[1])
         best[kind] = {"lr": lr, "margin": m}
-        record[kind] = [{"lr": k[0], "margin": k[1], "heldout_knn": v} for k, v in scores.items()]
         print(f"tuned {kind}: lr {lr:g}, margin {m:g} (held-out-train kNN {score:.2f})", flush=True)
     return best, record
 
@@ -145,7 +150,32 @@ def grid_rows(a) -> list[tuple[str, dict]]:
     return rows
 
 
-def report(a, best: dict) -> dict:
+BASELINES = {"random init ViT": ["backbone.type=random", "backbone.model=vit_tiny"], "raw pixels": ["backbone.type=pixels"]}
+
+
+def baselines(a, run: bool) -> dict:
+    """Probe and kNN of the untrained tiny ViT (one init per seed) and of raw pixels, under the grid's eval."""
+    out = {}
+    for name, overrides in BASELINES.items():
+        rows = []
+        for seed in (a.seeds if "random" in name else a.seeds[:1]):
+            d = Path(a.run_dir) / "baselines" / name.replace(" ", "_") / f"seed={seed}"
+            if run and not (d / "result.json").exists():
+                run_stage([sys.executable, "eval_linear_probe.py", *overrides, f"backbone.seed={seed}",
+                           "datasets=[fashion_mnist]", f"out_dir='{d}'", f"cache_dir='{d / 'cache'}'", *a.eval],
+                          d / "ablate.log")
+                lp, knn = probe_scores(d / "results.json")
+                fileio.write_json(d / "result.json", {"linear_probe_top1": lp, "knn_top1": knn, "seed": seed})
+            if (d / "result.json").exists():
+                rows.append(json.loads((d / "result.json").read_text()))
+        out[name] = {m: {"mean": float(np.mean([r[m] for r in rows])) if rows else None,
+                         "std": float(np.std([r[m] for r in rows], ddof=1)) if len(rows) > 1 else None,
+                         "values": [r[m] for r in rows]} for m in ("linear_probe_top1", "knn_top1")}
+        out[name]["n"] = len(rows)
+    return out
+
+
+def report(a, best: dict, tried: dict | None = None) -> dict:
     """Aggregate the finished runs of every grid row: mean, std (ddof 1), n; write JSON and plots."""
     groups = {}
     for group, row in grid_rows(a):
@@ -158,15 +188,17 @@ def report(a, best: dict) -> dict:
             stats[metric] = {"mean": float(v.mean()) if len(v) else None,
                              "std": float(v.std(ddof=1)) if len(v) > 1 else None, "values": v.tolist()}
         groups.setdefault(group, []).append(stats)
+    base = baselines(a, run=False)
     out = {"bench": "ablation", "what": "the paper's Table 5-6 directions at small scale (Fashion-MNIST, tiny ViT)",
-           "config": OmegaConf.to_container(a), "tuning": best, "groups": groups,
+           "config": OmegaConf.to_container(a), "tuning": {"best": best, "tried": tried or {}},
+           "baselines": base, "groups": groups,
            "complete": all(g["n"] == len(a.seeds) for rows in groups.values() for g in rows)}
     results = Path(a.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     fileio.write_json(results / "ablation.json", out)
-    plot(groups, results / "ablation.png")
-    fileio.write_text(results / "ablation.md", markdown(groups) + "\n")
-    print(markdown(groups), flush=True)
+    plot(groups, base, results / "ablation.png")
+    fileio.write_text(results / "ablation.md", markdown(groups, base) + "\n")
+    print(markdown(groups, base), flush=True)
     return out
 
 
@@ -175,9 +207,11 @@ def _label(group: str, s: dict) -> str:
             "r_at_k5000": f"r={s['r']} (k=5000)"}[group]
 
 
-def markdown(groups: dict) -> str:
+def markdown(groups: dict, base: dict) -> str:
     fmt = lambda st: "-" if st["mean"] is None else (f"{st['mean']:.2f}" + (f" ± {st['std']:.2f}" if st["std"] else ""))  # noqa: E731
     lines = ["| group | setting | linear probe top-1 | kNN top-1 | n |", "|---|---|---|---|---|"]
+    for name, b in base.items():
+        lines.append(f"| baseline | {name} | {fmt(b['linear_probe_top1'])} | {fmt(b['knn_top1'])} | {b['n']} |")
     for group, rows in groups.items():
         for g in rows:
             lines.append(f"| {group} | {_label(group, g['setting'])} | {fmt(g['linear_probe_top1'])} | "
@@ -185,7 +219,7 @@ def markdown(groups: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(groups: dict, png: Path) -> None:
+def plot(groups: dict, base: dict, png: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -194,7 +228,8 @@ def plot(groups: dict, png: Path) -> None:
     for ax, (group, key, log) in zip(axes, [("loss", None, False), ("l", "l", True), ("r", "r", True),
                                             ("k", "k", True)]):
         rows = [g for g in groups.get(group, []) if g["n"]]
-        if group == "r_at_k5000":
+        if not rows:  # nothing finished in this group yet
+            ax.set_visible(False)
             continue
         xs = list(range(len(rows))) if key is None else [g["setting"][key] for g in rows]
         for metric, color in (("linear_probe_top1", "C0"), ("knn_top1", "C1")):
@@ -212,6 +247,10 @@ def plot(groups: dict, png: Path) -> None:
                 ax.errorbar([g["setting"]["r"] for g in rk], [g["linear_probe_top1"]["mean"] for g in rk],
                             yerr=[g["linear_probe_top1"]["std"] or 0 for g in rk], marker="s", ls="--", color="C2",
                             capsize=3, label="linear probe, k=5000")
+        for (name, b), ls in zip(base.items(), (":", "-.")):
+            if b["linear_probe_top1"]["mean"] is not None:
+                ax.axhline(b["linear_probe_top1"]["mean"], color="C0", ls=ls, lw=1, label=f"probe, {name}")
+                ax.axhline(b["knn_top1"]["mean"], color="C1", ls=ls, lw=1, label=f"kNN, {name}")
         if log:
             ax.set_xscale("log")
         ax.set_title({"loss": "loss kind", "l": "labels per image l", "r": "negative ratio r",
@@ -230,20 +269,19 @@ def main(argv=None) -> dict:
     cfg = OmegaConf.merge(OmegaConf.load(CONFIG), OmegaConf.from_dotlist(list(argv if argv is not None else sys.argv[1:])))
     a = cfg.ablate
     tuning_file = Path(a.run_dir) / "tuning.json"
-    if a.report_only:
-        if not tuning_file.exists():
-            raise SystemExit(f"ablate: {tuning_file} missing: the tuning phase has not finished, nothing to report")
-        return report(a, json.loads(tuning_file.read_text()))
+    if a.report_only:  # what has finished, tuning included (a kind counts as tuned once all its tries are done)
+        return report(a, *tune(a, None))
     shards = shards_pattern(a)
     for k in sorted({setting(a, row, {})["k"] for _, row in grid_rows(a)}):
         labels_dir(a, k, shards)
+    baselines(a, run=True)
     best, record = tune(a, shards)
     fileio.write_json(tuning_file, {"best": best, "tried": record})
     for seed in a.seeds:
         for group, row in grid_rows(a):
             train_and_eval(a, setting(a, row, best), seed, shards)
-        report(a, best)
-    return report(a, best)
+        report(a, best, record)
+    return report(a, best, record)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,12 @@ def test_ablate_miniature_kill_and_resume(tmp_path):
     assert rows[("loss", "single", 8)]["setting"]["l"] == 1
     assert (rows[("loss", "single", 8)]["setting"]["lr"], rows[("loss", "single", 8)]["setting"]["margin"]) == (2e-3, 0.3)
     assert (tmp_path / "results" / "ablation.png").stat().st_size > 0
-    assert (tmp_path / "results" / "ablation.md").read_text().count("\n") == 2 + 4
+    assert (tmp_path / "results" / "ablation.md").read_text().count("\n") == 2 + 2 + 4  # header, baselines, rows
+    base = agg["baselines"]
+    assert base["random init ViT"]["n"] == 2 and base["raw pixels"]["n"] == 1
+    pixels = json.loads((tmp_path / "runs/baselines/raw_pixels/seed=0/results.json").read_text())
+    lp = [r for r in pixels["results"] if r["dataset"] == "fashion_mnist"][0]["metrics"]["lp_acc1"]
+    assert abs(base["raw pixels"]["linear_probe_top1"]["mean"] - 100 * lp) < 1e-9
+    assert base["raw pixels"]["linear_probe_top1"]["mean"] > 50  # a working probe on real pixels, 10 classes
     # every k clustered the features extracted once
     assert (tmp_path / "cluster" / "cluster-k12" / "features").resolve() == (tmp_path / "cluster" / "features").resolve()
