@@ -251,6 +251,10 @@ def plot(groups: dict, base: dict, png: Path) -> None:
             if b["linear_probe_top1"]["mean"] is not None:
                 ax.axhline(b["linear_probe_top1"]["mean"], color="C0", ls=ls, lw=1, label=f"probe, {name}")
                 ax.axhline(b["knn_top1"]["mean"], color="C1", ls=ls, lw=1, label=f"kNN, {name}")
+        if key is None:  # bars from a floor near the data, so that point-sized gaps stay visible
+            low = [g[m]["mean"] for g in rows for m in ("linear_probe_top1", "knn_top1")]
+            low += [b[m]["mean"] for b in base.values() for m in ("linear_probe_top1", "knn_top1") if b[m]["mean"]]
+            ax.set_ylim(bottom=max(0.0, min(low) - 5))
         if log:
             ax.set_xscale("log")
         ax.set_title({"loss": "loss kind", "l": "labels per image l", "r": "negative ratio r",
