@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup test demo bench fashion-mnist clean
+.PHONY: setup test demo ablate rounds bench fashion-mnist clean
 
 setup: $(STAMP) fashion-mnist
 
@@ -30,6 +30,13 @@ test: setup
 
 demo: setup
 	$(VPY) -m mlcd.demo
+
+# The paper's ablations at small scale (~4 h on 2 cores; resumable: re-run to continue) and self-training rounds.
+ablate: setup
+	$(VPY) -m mlcd.ablate
+
+rounds: setup
+	$(VPY) -m mlcd.rounds
 
 bench: setup
 	for f in bench/*.py; do $(VPY) $$f || exit 1; done
