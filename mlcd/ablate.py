@@ -80,6 +80,9 @@ def train_and_eval(a, s: dict, seed: int, shards: str, extra=()) -> dict:
     done = out / "result.json"
     if done.exists():
         return json.loads(done.read_text())
+    ledger = load_ledger(a)
+    if f"{run_name(s)}/seed={seed}" in ledger:  # finished in an earlier session (run dirs are not kept in git)
+        return ledger[f"{run_name(s)}/seed={seed}"]
     t0 = time.time()
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}"]
               if a.nproc > 1 else [sys.executable])
@@ -97,9 +100,18 @@ def train_and_eval(a, s: dict, seed: int, shards: str, extra=()) -> dict:
               "final_loss": rows[-1]["loss"], "monitor_knn_train_heldout": rows[-1].get("monitor/knn_top1"),
               "train_seconds": round(t1 - t0, 1), "eval_seconds": round(time.time() - t1, 1)}
     fileio.write_json(done, result)
+    Path(a.results_dir).mkdir(parents=True, exist_ok=True)
+    fileio.write_json(Path(a.results_dir) / "ablation_runs.json", {**load_ledger(a), f"{run_name(s)}/seed={seed}": result})
     print(f"  {run_name(s)} seed {seed}: probe {lp:.2f}  kNN {knn:.2f}  ({result['train_seconds']:.0f} s + "
           f"{result['eval_seconds']:.0f} s)", flush=True)
     return result
+
+
+def load_ledger(a) -> dict:
+    """{run name/seed=S: result} of every finished run, committed beside ablation.json, so the grid resumes in a
+    fresh checkout (where runs/ is empty) without training again what was already measured."""
+    path = Path(a.results_dir) / "ablation_runs.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def probe_scores(results_json: Path) -> tuple[float, float]:
@@ -124,7 +136,7 @@ def tune(a, shards: str | None) -> tuple[dict, dict]:
                 s = setting(a, {"kind": kind, "l": 1 if kind == "single" else a.base.l}, {})
                 s.update(lr=float(lr), margin=float(m))
                 done = Path(a.run_dir) / run_name(s) / "seed=0" / "result.json"
-                if shards is None and not done.exists():
+                if shards is None and not done.exists() and f"{run_name(s)}/seed=0" not in load_ledger(a):
                     continue
                 r = train_and_eval(a, s, 0, shards, a.tune.monitor)
                 scores[(float(lr), float(m))] = r["monitor_knn_train_heldout"]
@@ -176,12 +188,20 @@ def baselines(a, run: bool) -> dict:
 
 
 def report(a, best: dict, tried: dict | None = None) -> dict:
-    """Aggregate the finished runs of every grid row: mean, std (ddof 1), n; write JSON and plots."""
+    """Aggregate the finished runs of every grid row: mean, std (ddof 1), n; write JSON and plots. Every finished
+    run found in the run dirs also goes into the ledger (ablation_runs.json)."""
+    ledger = load_ledger(a)
+    for p in Path(a.run_dir).glob("k*/*/seed=*/result.json"):
+        ledger[p.parent.relative_to(a.run_dir).as_posix()] = json.loads(p.read_text())
+    Path(a.results_dir).mkdir(parents=True, exist_ok=True)
+    fileio.write_json(Path(a.results_dir) / "ablation_runs.json", ledger)
     groups = {}
     for group, row in grid_rows(a):
         s = setting(a, row, best)
-        runs = [json.loads(p.read_text()) for p in sorted((Path(a.run_dir) / run_name(s)).glob("seed=*/result.json"))
-                if json.loads(p.read_text())["seed"] in a.seeds]
+        found = {f"{run_name(s)}/{p.parent.name}": json.loads(p.read_text())
+                 for p in (Path(a.run_dir) / run_name(s)).glob("seed=*/result.json")}
+        found.update({k: v for k, v in load_ledger(a).items() if k.startswith(run_name(s) + "/")})
+        runs = sorted((r for r in found.values() if r["seed"] in a.seeds), key=lambda r: r["seed"])
         stats = {"setting": s, "n": len(runs), "seeds": [r["seed"] for r in runs]}
         for metric in ("linear_probe_top1", "knn_top1"):
             v = np.array([r[metric] for r in runs], dtype=float)

@@ -74,5 +74,15 @@ def test_ablate_miniature_kill_and_resume(tmp_path):
     lp = [r for r in pixels["results"] if r["dataset"] == "fashion_mnist"][0]["metrics"]["lp_acc1"]
     assert abs(base["raw pixels"]["linear_probe_top1"]["mean"] - 100 * lp) < 1e-9
     assert base["raw pixels"]["linear_probe_top1"]["mean"] > 50  # a working probe on real pixels, 10 classes
+    # a fresh checkout has no runs/: the committed ledger alone reproduces the aggregate
+    ledger = json.loads((tmp_path / "results" / "ablation_runs.json").read_text())
+    assert len(ledger) == len(list((tmp_path / "runs").glob("k*/*/seed=*/result.json")))
+    import shutil
+    shutil.rmtree(tmp_path / "runs")
+    proc = subprocess.run([sys.executable, "-m", "mlcd.ablate", *_argv(tmp_path), "ablate.report_only=true"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = json.loads((tmp_path / "results" / "ablation.json").read_text())
+    assert again["groups"] == agg["groups"] and again["tuning"]["best"] == tuning["best"]
     # every k clustered the features extracted once
     assert (tmp_path / "cluster" / "cluster-k12" / "features").resolve() == (tmp_path / "cluster" / "features").resolve()
