@@ -117,12 +117,10 @@ def load_ledger(a) -> dict:
 def probe_scores(results_json: Path) -> tuple[float, float]:
     """(linear-probe top-1, kNN top-1) in percent on fashion_mnist from eval_linear_probe.py's results.json."""
     res = json.loads(results_json.read_text())
-    for entry in res.get("results", []):                    # CLIP_benchmark layout
-        if entry.get("dataset") == "fashion_mnist":
-            m = entry["metrics"]
-            return 100 * m["lp_acc1"], 100 * m["knn_acc1"]
-    r = res["datasets"]["fashion_mnist"]
-    return r["linear_probe"], r["knn"]
+    for entry in res["results"]:                            # CLIP_benchmark layout
+        if entry["dataset"] == "fashion_mnist":
+            return 100 * entry["metrics"]["lp_acc1"], 100 * entry["metrics"]["knn_acc1"]
+    raise ValueError(f"{results_json}: no fashion_mnist record (failed: {res.get('failed')})")
 
 
 def tune(a, shards: str | None) -> tuple[dict, dict]:
@@ -162,6 +160,16 @@ def grid_rows(a) -> list[tuple[str, dict]]:
     return rows
 
 
+METRICS = ("linear_probe_top1", "knn_top1")
+
+
+def summary(values: list) -> dict:
+    """Mean, sample std (ddof 1; None below 2 values) and the values of one metric over seeds."""
+    v = np.array(values, dtype=float)
+    return {"mean": float(v.mean()) if len(v) else None, "std": float(v.std(ddof=1)) if len(v) > 1 else None,
+            "values": v.tolist()}
+
+
 BASELINES = {"random init ViT": ["backbone.type=random", "backbone.model=vit_tiny"], "raw pixels": ["backbone.type=pixels"]}
 
 
@@ -180,10 +188,7 @@ def baselines(a, run: bool) -> dict:
                 fileio.write_json(d / "result.json", {"linear_probe_top1": lp, "knn_top1": knn, "seed": seed})
             if (d / "result.json").exists():
                 rows.append(json.loads((d / "result.json").read_text()))
-        out[name] = {m: {"mean": float(np.mean([r[m] for r in rows])) if rows else None,
-                         "std": float(np.std([r[m] for r in rows], ddof=1)) if len(rows) > 1 else None,
-                         "values": [r[m] for r in rows]} for m in ("linear_probe_top1", "knn_top1")}
-        out[name]["n"] = len(rows)
+        out[name] = {**{m: summary([r[m] for r in rows]) for m in METRICS}, "n": len(rows)}
     return out
 
 
@@ -202,12 +207,8 @@ def report(a, best: dict, tried: dict | None = None) -> dict:
                  for p in (Path(a.run_dir) / run_name(s)).glob("seed=*/result.json")}
         found.update({k: v for k, v in load_ledger(a).items() if k.startswith(run_name(s) + "/")})
         runs = sorted((r for r in found.values() if r["seed"] in a.seeds), key=lambda r: r["seed"])
-        stats = {"setting": s, "n": len(runs), "seeds": [r["seed"] for r in runs]}
-        for metric in ("linear_probe_top1", "knn_top1"):
-            v = np.array([r[metric] for r in runs], dtype=float)
-            stats[metric] = {"mean": float(v.mean()) if len(v) else None,
-                             "std": float(v.std(ddof=1)) if len(v) > 1 else None, "values": v.tolist()}
-        groups.setdefault(group, []).append(stats)
+        groups.setdefault(group, []).append({"setting": s, "n": len(runs), "seeds": [r["seed"] for r in runs],
+                                             **{m: summary([r[m] for r in runs]) for m in METRICS}})
     base = baselines(a, run=False)
     out = {"bench": "ablation", "what": "the paper's Table 5-6 directions at small scale (Fashion-MNIST, tiny ViT)",
            "config": OmegaConf.to_container(a), "tuning": {"best": best, "tried": tried or {}},
