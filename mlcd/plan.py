@@ -10,7 +10,11 @@ out (also write the plan as JSON there), --json (print JSON instead of the table
 Memory per rank = bytes of the tensors the code materialises (no allocator slack, CUDA context or NCCL buffers):
   backbone     fp32 weights P, fp32 gradients P, AdamW exp_avg + exp_avg_sq 2P, DDP's gradient buckets P (world > 1,
                gradient_as_bucket_view off) and, under bf16 autocast, a bf16 copy of every weight (the cast cache,
-               saved for backward unless checkpointing discards it).
+               saved for backward unless checkpointing discards it). train.sharding=fsdp: weights, gradients and
+               moments are 1/W of that, no buckets, no autocast; instead FSDP all-gathers full parameters (bf16
+               under precision=bf16): the root's (kept from forward to backward) and two blocks' (the one computing
+               and the one prefetched), plus one block's full-size fp32 gradients before its reduce-scatter.
+               Activations are counted as under autocast (FSDP's bf16 residual stream makes that an upper bound).
   activations  what autograd saves per block of mlcd/models/vit.py: two fp32 residual-stream tensors (autocast runs
                LayerNorm in fp32), the LayerNorm outputs fed to in_proj and fc1, q|k|v, the attention output (SDPA
                keeps no S x S matrix), fc1's and the activation's outputs (QuickGELU also its sigmoid), RoPE's
@@ -195,6 +199,13 @@ def plan(cfg, world_size: int, gpu: str = "a100-80gb", mfu: float = 0.4, num_lab
     ratio, rule = float(loss.get("sample_ratio", 0.1)), str(loss.get("budget", "ratio"))
 
     P = vit_params(model_cfg)
+    fsdp = str(t.get("sharding", "ddp")) == "fsdp"
+    if fsdp and world_size < 2:
+        raise ValueError("train.sharding=fsdp needs world_size >= 2 (train.py refuses it on one process)")
+    P_root = vit_params({**model_cfg, "layers": 0})                     # what FSDP's root group gathers
+    P_block = (P - P_root) // int(model_cfg["layers"])
+    P_held = -(-P // world_size) if fsdp else P                         # parameters this rank holds
+    pb = 2 if bf16 else 4                                               # bytes of an all-gathered FSDP parameter
     n_local = shard_rows(C, world_size)
     positives = expected_positives(C, n_local, B * l_used)
     n = sampled_columns(n_local, positives, ratio, rule)
@@ -204,11 +215,13 @@ def plan(cfg, world_size: int, gpu: str = "a100-80gb", mfu: float = 0.4, num_lab
 
     acts = {k: vit_activation_bytes(model_cfg, b, bf16, k) for k in (False, True)}
     mem = {
-        "params": 4 * P,
-        "grads": 4 * P,
-        "ddp_buckets": 4 * P if world_size > 1 else 0,
-        "adamw_moments": 8 * P,
-        "bf16_weight_copies": 2 * P if bf16 else 0,
+        "params": 4 * P_held,
+        "grads": 4 * P_held,
+        "ddp_buckets": 4 * P if world_size > 1 and not fsdp else 0,
+        "adamw_moments": 8 * P_held,
+        "bf16_weight_copies": 2 * P if bf16 and not fsdp else 0,
+        "fsdp_gathered": pb * (P_root + 2 * P_block) if fsdp else 0,
+        "fsdp_block_grads": 4 * P_block if fsdp else 0,
         "input_batch": b * 3 * img * img * 4,
         "activations_no_ckpt": sum(acts[False].values()),
         "activations_ckpt": sum(acts[True].values()),
@@ -227,9 +240,10 @@ def plan(cfg, world_size: int, gpu: str = "a100-80gb", mfu: float = 0.4, num_lab
     # Under checkpointing autocast's weight copies are not saved, so they are gone once the forward ends.
     held = mem["input_batch"] + acts[ckpt]["saved"] + (mem["grads"] if accum > 1 else 0)
     kept_copies = 0 if ckpt else mem["bf16_weight_copies"]
-    phases = {"forward_end": held + mem["bf16_weight_copies"],
-              "loss": held + kept_copies + mem["loss_buffers"],
-              "backbone_backward": held + kept_copies + acts[ckpt]["backward"],
+    gathered = mem["fsdp_gathered"]
+    phases = {"forward_end": held + mem["bf16_weight_copies"] + gathered,
+              "loss": held + kept_copies + mem["loss_buffers"] + pb * P_root * fsdp,
+              "backbone_backward": held + kept_copies + acts[ckpt]["backward"] + gathered + mem["fsdp_block_grads"],
               "update": mem["grads"]}
     peak_phase = max(phases, key=phases.get)
     mem["peak"] = mem["persistent"] + phases[peak_phase]
@@ -242,6 +256,7 @@ def plan(cfg, world_size: int, gpu: str = "a100-80gb", mfu: float = 0.4, num_lab
     out = {
         "config": {"model": model_cfg.get("name"), "run_name": cfg.get("run_name"), "world_size": world_size,
                    "gpu": gpu, "mfu": mfu, "precision": "bf16" if bf16 else "fp32", "grad_checkpointing": ckpt,
+                   "sharding": "fsdp" if fsdp else "ddp",
                    "global_batch_size": G, "grad_accum": accum, "per_rank_batch": b, "loss_rows": B,
                    "num_classes": C, "embed_dim": D, "num_labels": l, "num_labels_source": l_source,
                    "loss_kind": kind, "sample_ratio": ratio, "budget": rule, "total_steps": int(t.total_steps)},
@@ -283,12 +298,15 @@ def format_table(p: dict) -> str:
         + (f" x {c['grad_accum']} micro-steps" if c["grad_accum"] > 1 else ""),
         f"  {c['num_classes']:,} classes (dim {c['embed_dim']}), l = {c['num_labels']} ({c['num_labels_source']}), "
         f"loss {c['loss_kind']}, r = {c['sample_ratio']} ({c['budget']})",
-        f"  backbone: {p['backbone_params'] / 1e6:.2f}M parameters",
+        f"  backbone: {p['backbone_params'] / 1e6:.2f}M parameters, train.sharding={c['sharding']}"
+        + (f" (this rank holds 1/{c['world_size']})" if c["sharding"] == "fsdp" else ""),
         row("parameters (fp32)", "params"),
         row("gradients (fp32)", "grads"),
         row("DDP gradient buckets (fp32)", "ddp_buckets"),
         row("AdamW moments (2 x fp32)", "adamw_moments"),
         row("bf16 weight copies (autocast)", "bf16_weight_copies"),
+        row("FSDP all-gathered (root + 2 blocks)", "fsdp_gathered"),
+        row("FSDP one block's fp32 gradients", "fsdp_block_grads"),
         row("input batch (fp32)", "input_batch"),
         row("activations, no checkpointing", "activations_no_ckpt", "" if ckpt else "  <- configured"),
         row("activations, checkpointing", "activations_ckpt", "  <- configured" if ckpt else ""),

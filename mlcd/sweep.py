@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 FINGERPRINT = "fingerprint.json"
 # Settings a resumed run may change: how long it runs, how it logs and saves, how it is launched.
 MAY_CHANGE = ("out_dir", "run_name", "train.total_steps", "train.resume", "train.progress_bar", "train.log_every",
-              "train.ckpt_every", "train.keep_last", "train.compile", "train.grad_checkpointing",
+              "train.ckpt_every", "train.keep_last", "train.compile", "train.grad_checkpointing", "train.sharding",
               "train.max_nonfinite_in_row", "train.init_from", "train.init_centers", "data.num_workers",
               "logging.", "monitor.")
 

@@ -25,7 +25,7 @@ from mlcd.plan import GIB, load_config, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml"))
-RECIPES = ("laion400m_vitb32", "laion400m_vitb16", "laion400m_vitl14", "laion400m_vitl14_336")
+RECIPES = ("laion400m_vitb32", "laion400m_vitb16", "laion400m_vitl14", "laion400m_vitl14_336", "laion400m_vitbigg14")
 TOLERANCE = 0.15
 
 
@@ -213,11 +213,17 @@ def test_planned_peak_matches_a_measured_run(name, data, tmp_path):
 
 
 @pytest.mark.slow
-def test_planned_peak_matches_a_measured_two_rank_run(data, tmp_path):
-    """Two ranks under torchrun (gloo): DDP's buckets, and the loss over both ranks' gathered batch."""
-    overrides = _run_overrides(data, tmp_path / "run", [
-        "model=vit_tiny", "model.layers=2", "model.width=64", "model.mlp_dim=128", "model.heads=2",
-        "model.embed_dim=64", "num_classes=40001", "loss.sample_ratio=0.5", "train.global_batch_size=256"])
+@pytest.mark.parametrize("sharding, shape", [
+    # the loss over both ranks' gathered batch dominates; DDP's buckets
+    ("ddp", ["model.layers=2", "model.width=64", "model.mlp_dim=128", "model.heads=2", "model.embed_dim=64",
+             "num_classes=40001", "loss.sample_ratio=0.5", "train.global_batch_size=256"]),
+    # the backbone dominates (12.6 MB of weights): FSDP's halved states, gathered blocks and block gradients
+    ("fsdp", ["model.layers=4", "model.width=256", "model.mlp_dim=1024", "model.heads=4", "model.embed_dim=64",
+              "num_classes=1000", "train.global_batch_size=32"]),
+])
+def test_planned_peak_matches_a_measured_two_rank_run(sharding, shape, data, tmp_path):
+    """Two ranks under torchrun (gloo), under DDP and under FSDP."""
+    overrides = _run_overrides(data, tmp_path / "run", ["model=vit_tiny", f"train.sharding={sharding}", *shape])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, *overrides]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
@@ -225,7 +231,10 @@ def test_planned_peak_matches_a_measured_two_rank_run(data, tmp_path):
     measured = [json.loads(l[len("PEAK "):]) for l in r.stdout.splitlines() if l.startswith("PEAK ")]
     assert sorted(m["rank"] for m in measured) == [0, 1]
     p = plan(load_config(overrides), 2, gpu="cpu")
-    assert p["memory_bytes"]["ddp_buckets"] > 0 and p["shard"]["logits_shape"][0] == 256
+    if sharding == "ddp":
+        assert p["memory_bytes"]["ddp_buckets"] > 0 and p["shard"]["logits_shape"][0] == 256
+    else:
+        assert p["memory_bytes"]["ddp_buckets"] == 0 and p["memory_bytes"]["params"] * 2 >= 4 * p["backbone_params"]
     for m in measured:
         _compare(m["bytes"], p, f"2 ranks, rank {m['rank']}")
 

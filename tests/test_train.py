@@ -447,24 +447,54 @@ def test_world_sizes_2_and_3_equal_world_size_1_for_the_same_global_batch(tmp_pa
     slice), W = 2 and 3 give W = 1's losses and final weights. Covers DDP's gradient averaging against PartialFC's
     embedding-gradient scaling, the global clip norm over backbone and center shards (active: raw norms are far
     above clip_grad) and accumulation (2 micro-steps). r = 1, so every world size uses every class."""
-    args = {"model": "vit_tiny", "model.image_size": 28, "model.patch_size": 7, "model.width": 32, "model.layers": 2,
-            "model.heads": 2, "model.mlp_dim": 64, "model.embed_dim": 16, "data.source": "synthetic",
-            "data.num_labels": 3, "num_classes": NUM_CLASSES, "seed": 4, "train.global_batch_size": 12,
-            "train.grad_accum": 2, "train.total_steps": 3, "train.ckpt_every": 3, "train.log_every": 1,
-            "train.progress_bar": False, "optim.lr": 1e-3, "optim.warmup_steps": 1, "loss.sample_ratio": 1.0,
-            "logging.wandb.mode": "disabled"}
-    runs = {}
-    for world in (1, 2, 3):
-        out = tmp_path / f"w{world}"
-        _torchrun(world, [f"{k}={v}" for k, v in {**args, "out_dir": str(out)}.items()])
-        rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-        runs[world] = ([r["loss"] for r in rows], [r["grad_norm"] for r in rows], *_final_state(out, 3)[1:])
-    loss1, norm1, bb1, sh1 = runs[1]
-    assert min(norm1) > 10  # clipping at 1.0 is active on every step
+    runs = {world: _synthetic_run(tmp_path / f"w{world}", world) for world in (1, 2, 3)}
+    assert min(runs[1][1]) > 10  # clipping at 1.0 is active on every step
     for world in (2, 3):
-        loss, norm, bb, sh = runs[world]
-        np.testing.assert_allclose(loss, loss1, rtol=1e-5)
-        np.testing.assert_allclose(norm, norm1, rtol=1e-4)
-        for k in bb1:
-            torch.testing.assert_close(bb[k], bb1[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"W={world} {k}: {m}")
-        torch.testing.assert_close(_full_centers(sh), _full_centers(sh1), rtol=1e-4, atol=1e-5)
+        _assert_same_run(runs[world], runs[1], f"W={world}")
+
+
+# A tiny model on synthetic global batches (the same at every world size), r = 1, 2 accumulation micro-steps.
+_SYNTHETIC = {"model": "vit_tiny", "model.image_size": 28, "model.patch_size": 7, "model.width": 32,
+              "model.layers": 2, "model.heads": 2, "model.mlp_dim": 64, "model.embed_dim": 16,
+              "data.source": "synthetic", "data.num_labels": 3, "num_classes": NUM_CLASSES, "seed": 4,
+              "train.global_batch_size": 12, "train.grad_accum": 2, "train.total_steps": 3, "train.ckpt_every": 3,
+              "train.log_every": 1, "train.progress_bar": False, "optim.lr": 1e-3, "optim.warmup_steps": 1,
+              "loss.sample_ratio": 1.0, "logging.wandb.mode": "disabled"}
+
+
+def _synthetic_run(out: Path, world: int, **extra):
+    """(losses, grad norms, final backbone, final center shards) of a _SYNTHETIC run."""
+    _torchrun(world, [f"{k}={v}" for k, v in {**_SYNTHETIC, "out_dir": str(out), **extra}.items()])
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = {**_SYNTHETIC, **extra}["train.total_steps"]
+    return [r["loss"] for r in rows], [r["grad_norm"] for r in rows], *_final_state(out, steps)[1:]
+
+
+def _assert_same_run(got, want, label):
+    (loss, norm, bb, sh), (loss1, norm1, bb1, sh1) = got, want
+    np.testing.assert_allclose(loss, loss1, rtol=1e-5, err_msg=label)
+    np.testing.assert_allclose(norm, norm1, rtol=1e-4, err_msg=label)
+    assert bb.keys() == bb1.keys()
+    for k in bb1:
+        torch.testing.assert_close(bb[k], bb1[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{label} {k}: {m}")
+    torch.testing.assert_close(_full_centers(sh), _full_centers(sh1), rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_trains_like_ddp_and_their_checkpoints_resume_under_each_other(tmp_path):
+    """train.sharding=fsdp (FSDP2 per block, with activation checkpointing) on 2 gloo ranks: the same losses, grad
+    norms (clipping active), weights and centers as DDP; a run saved under FSDP at step 3 and continued under DDP
+    to step 6 equals the uninterrupted DDP run, and the reverse."""
+    six = {"train.total_steps": 6, "optim.min_lr_ratio": 1.0}  # constant lr after warm-up: a 3-step run is a prefix
+    ddp = _synthetic_run(tmp_path / "ddp", 2, **six)
+    fsdp = _synthetic_run(tmp_path / "fsdp", 2, **six, **{"train.sharding": "fsdp", "train.grad_checkpointing": True})
+    _assert_same_run(fsdp, ddp, "fsdp vs ddp")
+    held = {kind: int(re.search(r"rank 0 holds ([0-9,]+);", (tmp_path / kind / "train.log").read_text())
+                      .group(1).replace(",", "")) for kind in ("ddp", "fsdp")}
+    assert 0.45 < held["fsdp"] / held["ddp"] < 0.55, held  # FSDP really sharded the backbone
+    for first, then in (("fsdp", "ddp"), ("ddp", "fsdp")):
+        out = tmp_path / f"{first}_then_{then}"
+        _synthetic_run(out, 2, **{**six, "train.sharding": first, "train.total_steps": 3})
+        resumed = _synthetic_run(out, 2, **six, **{"train.sharding": then})
+        want = fsdp if then == "fsdp" else ddp
+        _assert_same_run((resumed[0][-3:], resumed[1][-3:], *resumed[2:]), (want[0][-3:], want[1][-3:], *want[2:]),
+                         f"{first} -> {then}")

@@ -2,8 +2,8 @@
 
     step-00001000/
       manifest.json            step, world size, class count, embed dim, shard table, model + full config
-      backbone.safetensors     backbone weights (unwrapped from DDP)
-      trainer.pt               backbone optimizer state and counters (identical on every rank)
+      backbone.safetensors     the full backbone weights (unwrapped from DDP, gathered from FSDP shards)
+      trainer.pt               the full backbone optimizer state (parameter-name keyed) and counters
       centers-rank00000.pt     this rank's class-center shard + its optimizer state (sparse AdamW moments)
       rng-rank00000.pt         this rank's RNG streams (restored only at the same world size)
 
@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from mlcd import dist, fileio
 from mlcd.models.loading import BACKBONE, MANIFEST, find_checkpoint, list_checkpoints, load_backbone_weights, read_manifest
 from mlcd.partial_fc import ShardSpec
+from mlcd.train.sharding import full_state, load_full_state
 
 __all__ = ["save", "restore", "init_from", "resolve_resume", "find_checkpoint", "list_checkpoints", "read_manifest",
            "load_center_shard", "load_center_states", "reshard", "check_compatible"]
@@ -65,7 +66,8 @@ def set_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------------------------------------- save
 def save(ckpt_root, step: int, backbone: torch.nn.Module, backbone_opt, pfc, center_opt,
          trainer_state: dict, manifest: dict, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
+    """Collective: every rank calls it (FSDP gathers the backbone to rank 0). `backbone` is the unwrapped model
+    (FSDP-sharded in place or not). Returns the final directory."""
     root = Path(ckpt_root)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}"
@@ -76,9 +78,10 @@ def save(ckpt_root, step: int, backbone: torch.nn.Module, backbone_opt, pfc, cen
     r = dist.rank()
     torch.save({"shard": pfc.state_dict(), "optim": center_opt.state_dict()}, _centers_file(tmp, r))
     torch.save(rng_state(), tmp / f"rng-rank{r:05d}.pt")
+    weights, optim_state = full_state(backbone, backbone_opt)
     if dist.is_main():
-        save_file({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}, str(tmp / BACKBONE))
-        torch.save({"optim": backbone_opt.state_dict(), **trainer_state}, tmp / "trainer.pt")
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / BACKBONE))
+        torch.save({"optim": optim_state, **trainer_state}, tmp / "trainer.pt")
     dist.barrier()
     if dist.is_main():
         fileio.write_json(tmp / MANIFEST, {**manifest, "step": step, "world_size": dist.world_size(),
@@ -118,9 +121,8 @@ def restore(ckpt_dir, model, backbone_opt, pfc, center_opt, identity: dict) -> d
     world size, this rank's RNG streams. Returns {"step", "counters", "world_size" (the saved one)}."""
     manifest = read_manifest(ckpt_dir)
     check_compatible(manifest, identity, ckpt_dir)
-    model.load_state_dict(load_backbone_weights(ckpt_dir))
     trainer = _load(Path(ckpt_dir) / "trainer.pt")
-    backbone_opt.load_state_dict(trainer["optim"])
+    load_full_state(model, backbone_opt, load_backbone_weights(ckpt_dir), trainer["optim"])
     state = load_center_shard(ckpt_dir, manifest, pfc.rank, pfc.shard_spec.world_size)
     pfc.load_state_dict(state["shard"])
     center_opt.load_state_dict(state["optim"])
@@ -158,7 +160,7 @@ def init_backbone_from(model: torch.nn.Module, ckpt_dir, model_cfg: dict) -> lis
     if "positional_embedding" in state and state["positional_embedding"].shape != model.positional_embedding.shape:
         state["positional_embedding"] = resize_pos_embed(state["positional_embedding"], model.grid, model.grid)
         resized.append("positional_embedding")
-    model.load_state_dict(state)
+    load_full_state(model, None, state, None)
     return resized
 
 

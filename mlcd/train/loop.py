@@ -1,4 +1,4 @@
-"""The MLCD training loop: a DDP backbone, class centers sharded outside DDP (PartialFC), one step function.
+"""The MLCD training loop: a DDP or FSDP backbone, class centers sharded outside it (PartialFC), one step function.
 
 Read top to bottom: setup -> resume -> for each step: batches -> train_step -> log -> checkpoint. Every rank runs
 the same collectives in the same order.
@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mlcd import dist, fileio
 from mlcd.data.labels import label_width, shard_stem
@@ -30,6 +29,7 @@ from mlcd.sweep import FINGERPRINT, check_same_settings, fingerprint
 from mlcd.train import checkpoint
 from mlcd.train.monitor import KnnMonitor
 from mlcd.train.optim import build_backbone_optimizer, build_center_optimizer, lr_at, set_lr
+from mlcd.train.sharding import check_sharding, held_parameters, uses_autocast, wrap_backbone
 from mlcd.train.step import train_step
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -202,6 +202,7 @@ def train(cfg) -> dict:
     world, rank = dist.world_size(), dist.rank()
     t = cfg.train
     precision = resolve_precision(t.precision, device)
+    check_sharding(t.sharding, world)
     wandb_mode = resolve_wandb_mode(cfg.logging.wandb.mode)
     if t.global_batch_size % (world * t.grad_accum):
         raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible by world size {world} "
@@ -218,9 +219,12 @@ def train(cfg) -> dict:
     num_classes = resolve_num_classes(cfg)
     if cfg.monitor.every < 0 or (cfg.monitor.every and cfg.monitor.every % t.log_every):
         raise ValueError(f"monitor.every={cfg.monitor.every}: 0 (off) or a multiple of train.log_every={t.log_every}")
-    monitor = KnnMonitor(cfg.monitor, cfg.model.image_size) if cfg.monitor.every and dist.is_main() else None
+    # rank 0 evaluates; under FSDP every rank runs the monitor's forwards (they all-gather the weights together)
+    monitor = (KnnMonitor(cfg.monitor, cfg.model.image_size)
+               if cfg.monitor.every and (dist.is_main() or t.sharding == "fsdp") else None)
     per_rank_batch = t.global_batch_size // (world * t.grad_accum)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=precision == "bf16" and uses_autocast(t.sharding))
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
 
@@ -239,6 +243,7 @@ def train(cfg) -> dict:
     if t.grad_checkpointing:
         model.set_grad_checkpointing(True)
     pfc = build_partial_fc(cfg.loss, num_classes, model.embed_dim, cfg.seed).to(device)
+    train_model = wrap_backbone(model, t.sharding, device, precision)  # FSDP shards `model` in place
     backbone_opt = build_backbone_optimizer(model, cfg.optim)
     center_opt = build_center_optimizer(pfc, cfg.optim)
 
@@ -259,10 +264,12 @@ def train(cfg) -> dict:
         if dist.is_main():
             print(message, flush=True)
 
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     if t.compile:
-        ddp_model = torch.compile(ddp_model)
+        train_model = torch.compile(train_model)
     metrics = MetricsLog(run_dir, cfg, start_step, wandb_mode)
+    held, total = held_parameters(model)
+    metrics.say(f"backbone: {total:,} parameters, train.sharding={t.sharding}: rank 0 holds {held:,}; class centers: "
+                f"{num_classes:,} x {model.embed_dim}, rank 0 holds {pfc.shard_spec.n_local(0):,} rows")
     # samples skipped in earlier runs of this training: counted once, on rank 0
     stream = (SyntheticStream(cfg, num_classes, per_rank_batch, model.image_size, t.grad_accum)
               if cfg.data.source == "synthetic" else
@@ -285,7 +292,7 @@ def train(cfg) -> dict:
         lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, t.total_steps, cfg.optim.min_lr_ratio)
         set_lr(backbone_opt, lr)
         set_lr(center_opt, lr)
-        result = train_step(ddp_model, pfc, backbone_opt, center_opt, stream.batches(step), step, t.grad_accum,
+        result = train_step(train_model, pfc, backbone_opt, center_opt, stream.batches(step), step, t.grad_accum,
                             t.clip_grad, autocast)
         if result.applied:
             nonfinite_in_row = 0
@@ -308,7 +315,7 @@ def train(cfg) -> dict:
                    "samples_seen": (step + 1) * t.global_batch_size, "peak_mem_mb": _peak_memory_mb(device),
                    "nonfinite_skipped": counters["nonfinite_skipped"], **{f"skipped/{k}": v for k, v in skipped.items()}}
             if monitor is not None and (monitor.due(step + 1) or step + 1 == t.total_steps):
-                row.update(monitor(model))
+                row.update(monitor(model))  # logged by rank 0 only
             metrics.log(row)
             metrics.say(f"step {row['step']:>7d} | loss {result.loss:.4f} | lr {lr:.2e} | "
                         f"{row['images_per_s']:.1f} img/s | grad {result.grad_norm:.3f} | "

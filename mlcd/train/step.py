@@ -1,11 +1,11 @@
 """One optimizer step of MLCD training: what the loop runs and what bench/train.py times."""
-import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 
 from mlcd import dist
+from mlcd.train.sharding import gradient_sync, is_sharded, local_grad
 
 
 @dataclass
@@ -16,12 +16,17 @@ class StepResult:
 
 
 def global_grad_norm(backbone: torch.nn.Module, pfc) -> torch.Tensor:
-    """||g|| over the backbone (already identical on all ranks after DDP) and ALL center shards."""
+    """||g|| over the backbone and ALL center shards: the parts split over ranks (center shards, FSDP gradient
+    shards) are summed over ranks; DDP gradients are already identical on every rank and added once."""
+    params = [p for p in backbone.parameters() if p.grad is not None]
     sq = torch.zeros((), dtype=torch.float32, device=pfc.weight.device)
     sq += pfc.grad_sq_norm().float()
+    for p in params:
+        if is_sharded(p):
+            sq += local_grad(p).detach().float().pow(2).sum().to(sq.device)
     dist.all_reduce_sum(sq)
-    for p in backbone.parameters():
-        if p.grad is not None:
+    for p in params:
+        if not is_sharded(p):
             sq += p.grad.detach().float().pow(2).sum().to(sq.device)
     return sq.sqrt()
 
@@ -31,7 +36,8 @@ def train_step(model, pfc, backbone_opt, center_opt, micro_batches, step: int, g
     """Forward/backward over `grad_accum` micro-batches (DDP syncs on the last only), clip on the global norm,
     step both optimizers, or skip the update on every rank together when the loss or gradient is not finite.
 
-    model: the backbone, DDP-wrapped when world size > 1. micro_batches: an iterator of (images, labels) on the
+    model: the backbone as sharding.wrap_backbone returns it (DDP, FSDP or plain). micro_batches: an iterator of
+    (images, labels) on the
     device. step: the optimizer step; micro-step i of it seeds PartialFC's negative sample with
     step * grad_accum + i, so a resumed run draws the same negatives."""
     device = pfc.weight.device
@@ -40,7 +46,7 @@ def train_step(model, pfc, backbone_opt, center_opt, micro_batches, step: int, g
         images, labels = next(micro_batches)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         last = micro == grad_accum - 1
-        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+        with gradient_sync(model, enabled=last):
             with autocast:
                 embeddings = model(images).embedding
             loss = pfc(embeddings.float(), labels, step * grad_accum + micro) / grad_accum
@@ -55,7 +61,7 @@ def train_step(model, pfc, backbone_opt, center_opt, micro_batches, step: int, g
             coef = torch.clamp(clip_grad / (grad_norm + 1e-6), max=1.0)
             for p in list(model.parameters()) + list(pfc.parameters()):
                 if p.grad is not None:
-                    p.grad.mul_(coef.to(p.grad.device))
+                    local_grad(p).mul_(coef.to(p.grad.device))
         backbone_opt.step()
         center_opt.step()
     backbone_opt.zero_grad(set_to_none=True)
