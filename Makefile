@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup test demo ablate rounds bench fashion-mnist clean
+.PHONY: setup test demo ablate rounds bench gpu-check fashion-mnist clean
 
 setup: $(STAMP) fashion-mnist
 
@@ -37,6 +37,11 @@ ablate: setup
 
 rounds: setup
 	$(VPY) -m mlcd.rounds
+
+# On a CUDA machine: bf16 vs fp32, SDPA kernels, FAISS GPU vs CPU, the trainer, throughput (bench/results/gpu_check.json).
+# Elsewhere it says there is no GPU and exits 0.
+gpu-check: setup
+	$(VPY) bench/gpu_check.py
 
 bench: setup
 	for f in bench/*.py; do $(VPY) $$f || exit 1; done

@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from mlcd import fileio  # noqa: E402
 from mlcd.models import build_model  # noqa: E402
+from mlcd.plan import vit_forward_flops  # noqa: E402
 from mlcd.partial_fc import build_partial_fc  # noqa: E402
 from mlcd.train.optim import build_backbone_optimizer, build_center_optimizer  # noqa: E402
 from mlcd.train.step import train_step  # noqa: E402
@@ -30,20 +31,12 @@ from mlcd.train.step import train_step  # noqa: E402
 H100_BF16_DENSE_TFLOPS = 989.0
 
 
-def vit_flops_per_image(cfg) -> float:
-    """Forward matmul FLOPs of the ViT (2 per multiply-add): patch embed, qkv/out/MLP, attention scores/values."""
-    tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
-    d, mlp = cfg.width, cfg.mlp_dim
-    per_layer = 2 * tokens * (4 * d * d + 2 * d * mlp) + 2 * 2 * tokens * tokens * d
-    embed = 2 * (tokens - 1) * 3 * cfg.patch_size ** 2 * d
-    return cfg.layers * per_layer + embed + 2 * d * (cfg.embed_dim or 0)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train.json"))
     args = ap.parse_args()
 
     gpu = torch.cuda.is_available()
@@ -75,7 +68,7 @@ def main():
         step(args.warmup + i)  # returns the loss as a Python float: the device is synchronised every step
     seconds = (time.perf_counter() - t0) / args.steps
     images_per_s = args.batch / seconds
-    flops = 3 * vit_flops_per_image(model_cfg)  # forward + backward (2x) of the backbone
+    flops = 3 * vit_forward_flops(OmegaConf.to_container(model_cfg))  # forward + backward (2x) of the backbone
     result = {
         "bench": "train_step", "device": torch.cuda.get_device_name() if gpu else "cpu",
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform()},
@@ -88,8 +81,7 @@ def main():
     }
     if gpu:
         result["mfu_vs_h100_bf16_dense"] = result["backbone_tflops_per_s"] / H100_BF16_DENSE_TFLOPS
-    out = ROOT / "bench" / "results" / "train.json"
-    fileio.write_json(out, result)
+    fileio.write_json(args.out, result)
     print(json.dumps(result, indent=2))
 
 

@@ -193,6 +193,9 @@ class PartialFC(torch.nn.Module):
         self.num_classes, self.embed_dim = num_classes, embed_dim
         self.weight = torch.nn.Parameter(init_rows(self.start, self.n_local, embed_dim, seed))
         self.last_index = None  # the sampled local rows of the last forward (for logging/tests)
+        # the [B, n] cosine GEMM in bf16 (fp32 accumulate; the margin and log-sum-exp stay fp32): None = on CUDA.
+        # The trainer sets it from train.precision, so precision=fp32 on a GPU is fp32 throughout.
+        self.bf16_cosines: bool | None = None
 
     def extra_repr(self) -> str:
         return (f"classes {self.start}..{self.start + self.n_local} of {self.num_classes}, rank {self.rank}/"
@@ -256,8 +259,8 @@ class PartialFC(torch.nn.Module):
 
         centers = _NormalizedRows.apply(self.weight, index)
         embeddings = F.normalize(embeddings.float(), dim=1)
-        use_bf16 = embeddings.device.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+        use_bf16 = embeddings.device.type == "cuda" if self.bf16_cosines is None else self.bf16_cosines
+        with torch.autocast(embeddings.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             cos = F.linear(embeddings, centers)
         return margin_lse(cos, pos_cols, valid, self.kind, self.scale, self.margin, self.margin_type,
                           distributed=world > 1)

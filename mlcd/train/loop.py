@@ -243,6 +243,7 @@ def train(cfg) -> dict:
     if t.grad_checkpointing:
         model.set_grad_checkpointing(True)
     pfc = build_partial_fc(cfg.loss, num_classes, model.embed_dim, cfg.seed).to(device)
+    pfc.bf16_cosines = precision == "bf16"
     train_model = wrap_backbone(model, t.sharding, device, precision)  # FSDP shards `model` in place
     backbone_opt = build_backbone_optimizer(model, cfg.optim)
     center_opt = build_center_optimizer(pfc, cfg.optim)
