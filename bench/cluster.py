@@ -2,14 +2,16 @@
 
     python bench/cluster.py            # full sizes (14-16 min on 2 quiet cores: 814 s, 935 s) -> bench/results/cluster.json
     python bench/cluster.py --quick    # tiny sizes, checks the script runs
+    python bench/cluster.py --sections d   # one section; the others' results in cluster.json are kept
 
 Synthetic data: unit vectors around many unit means (a mixture on the sphere), in two shapes.
 `isotropic`: the means are independent random directions, so neighbouring components are no closer
 than any others: the worst case for every method that narrows a search (two-level k-means, IVF, HNSW),
 since a point's 8 nearest centers beyond its own component are a random draw. `hierarchical`: the
 means themselves come in families (512 super-directions x 16 components, siblings at cos ~0.5), the
-shape of image features where breeds sit near each other inside 'dog'. (a) runs on isotropic; (b) and
-(c) on both. Every method's final objective is measured the same way, outside its timing: assign
+shape of image features where breeds sit near each other inside 'dog'. (a) runs on isotropic; (b), (c)
+and (d) on both. (d) compares our two-level k-means with faiss.contrib.clustering.two_level_clustering,
+3 seeds each, interleaved. Every method's final objective is measured the same way, outside its timing: assign
 every point to its nearest L2-normalised center and report the mean cosine (higher is better) and
 Eq. 2's mean ||e - w||^2 = 2 - 2 cos.
 """
@@ -25,6 +27,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mlcd import fileio  # noqa: E402
 from mlcd.cluster.assign import build_index, recall_at_k, topk  # noqa: E402
 from mlcd.cluster.kmeans import train_kmeans  # noqa: E402
 
@@ -166,10 +169,53 @@ def section_c(k, d, n_comp, families, nq, nprobes, efs, seed):
     return out
 
 
+def section_d(x, k, niter, seeds):
+    """Our two-level k-means (mlcd.cluster.kmeans, mode two_level) vs FAISS's own two_level_clustering (contrib),
+    the same coarse k = sqrt(k), spherical, rebalanced fine allocation; seeds interleaved so load drift hits all."""
+    from faiss.contrib.clustering import two_level_clustering
+
+    n, d = x.shape
+    coarse_k = int(round(np.sqrt(k)))
+    out = {"sizes": {"n": n, "d": d, "k": k, "coarse_k": coarse_k, "niter": niter, "seeds": list(seeds)},
+           "note": "faiss contrib runs its coarse level for clustering_niter = niter and its fine level at "
+                   "faiss.Kmeans's default 25 iterations (its coarse call takes niter from clustering_niter, the "
+                   "fine calls take faiss.Kmeans's default); ours_two_level_niter25 runs 25 at both levels"}
+    methods = {
+        "ours_two_level": lambda seed: train_kmeans(x, k, niter=niter, seed=seed, mode="two_level",
+                                                    coarse_k=coarse_k, gpu=False)[0],
+        "ours_two_level_niter25": lambda seed: train_kmeans(x, k, niter=25, seed=seed, mode="two_level",
+                                                            coarse_k=coarse_k, gpu=False)[0],
+        "ours_two_level_local_refine_probe16_x8": lambda seed: train_kmeans(
+            x, k, niter=niter, seed=seed, mode="two_level", coarse_k=coarse_k, refine_iters=8, refine_probe=16,
+            gpu=False)[0],
+        "faiss_contrib_two_level": lambda seed: two_level_clustering(
+            x, coarse_k, k, rebalance=True, clustering_niter=niter, spherical=True, seed=seed)[0],
+    }
+    runs = {name: [] for name in methods}
+    for seed in seeds:
+        for name, fn in methods.items():
+            t = time.time()
+            centers = fn(seed)
+            runs[name].append({"seed": seed, "total_s": time.time() - t, **objective(x, centers)})
+            print("d", name, runs[name][-1], flush=True)
+    for name, rs in runs.items():
+        out[name] = {"runs": rs, **{f"{key}_mean": float(np.mean([r[key] for r in rs]))
+                                    for key in ("total_s", "mean_cos", "eq2", "empty")},
+                     "total_s_std": float(np.std([r["total_s"] for r in rs], ddof=1)) if len(rs) > 1 else 0.0,
+                     "eq2_std": float(np.std([r["eq2"] for r in rs], ddof=1)) if len(rs) > 1 else 0.0}
+    ref = out["faiss_contrib_two_level"]
+    for name in methods:
+        if name == "faiss_contrib_two_level":
+            continue
+        out[name]["time_vs_contrib"] = out[name]["total_s_mean"] / ref["total_s_mean"]
+        out[name]["eq2_gap_vs_contrib"] = out[name]["eq2_mean"] / ref["eq2_mean"] - 1
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sections", default="abc")
+    ap.add_argument("--sections", default="abcd")
     args = ap.parse_args()
     q = args.quick
     # Sizes asked for: (a) n=200k, d=256, K=4096; (b) K=16384; (c) 65536 centers. (a) is scaled down to
@@ -209,10 +255,17 @@ def main():
             kind: section_c(4096 if q else 65536, d, n_comp, fam, 2000 if q else 10000, (4, 8, 16, 32, 64),
                             (16, 32, 64, 128), seed=2)
             for kind, fam in families.items()}
+    if "d" in args.sections:
+        res["d_two_level_vs_faiss_contrib"] = {
+            kind: section_d(x if not fam else mixture(n, d, n_comp, 0.8, seed=0, families=fam),
+                            1024 if q else 16384, 10, seeds=(1, 2, 3))
+            for kind, fam in families.items()}
     res["total_s"] = time.time() - t0
     out = Path(__file__).resolve().parent / "results" / ("cluster_quick.json" if q else "cluster.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    if args.sections != "abcd" and out.exists():  # a subset re-run keeps the other sections' results
+        res = {**json.loads(out.read_text()), **res, "total_s_" + args.sections: res.pop("total_s")}
+    fileio.write_json(out, res)
     print(f"wrote {out}")
 
 
