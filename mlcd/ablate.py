@@ -14,8 +14,6 @@ A run's directory is named by its settings, so a setting that two groups share (
 the loss group) trains once. Like mlcd.demo, every stage runs as the command line it prints.
 """
 import json
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,19 +22,10 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from mlcd import fileio
+from mlcd.stages import REPO, run_stage
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "ablate.yaml"
 KIND_LOSS = {"mlcd": "mlcd", "mlc": "mlc", "single": "single_label", "per_slot": "per_slot"}
-
-
-def run_stage(cmd: list[str], log: Path) -> None:
-    print(f"$ {shlex.join(cmd)}", flush=True)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"ablate: stage failed (exit {proc.returncode}), see {log}: {shlex.join(cmd)}")
 
 
 def shards_pattern(a) -> str:
@@ -44,7 +33,7 @@ def shards_pattern(a) -> str:
     if not manifest.exists():
         run_stage([sys.executable, "-m", "mlcd.data.make_shards", "--source", "fashion_mnist", "--split", "train",
              "--out", a.shards_dir, "--prefix", "fmnist-train", "--max-per-shard", str(a.max_per_shard),
-             *(["--limit", str(a.limit)] if a.limit else [])], Path(a.cluster_dir) / "shards.log")
+             *(["--limit", str(a.limit)] if a.limit else [])], "ablate", Path(a.cluster_dir) / "shards.log")
     n = len(json.loads(manifest.read_text())["shards"])
     return f"{a.shards_dir}/fmnist-train-{{000000..{n - 1:06d}}}.tar"
 
@@ -60,7 +49,7 @@ def labels_dir(a, k: int, shards: str) -> Path:
         if not (out / "features").exists():
             (out / "features").symlink_to(Path("..") / "features")
         run_stage([sys.executable, "cluster.py", f"shards='{shards}'", f"out_dir={out}", f"kmeans.k={k}", *a.cluster],
-            out / "ablate.log")
+            "ablate", out / "ablate.log")
     return out / "labels"
 
 
@@ -89,11 +78,11 @@ def train_and_eval(a, s: dict, seed: int, shards: str, extra=()) -> dict:
     run_stage([*launch, "train.py", f"data.train_shards='{shards}'", f"data.labels_dir={labels_dir(a, s['k'], shards)}",
          f"out_dir='{out}'", f"seed={seed}", f"loss={KIND_LOSS[s['kind']]}", f"data.num_labels={s['l']}",
          f"loss.sample_ratio={s['r']}", f"optim.lr={s['lr']}", f"loss.margin={s['margin']}", *a.train, *extra],
-        out / "ablate.log")
+        "ablate", out / "ablate.log")
     t1 = time.time()
     run_stage([sys.executable, "eval_linear_probe.py", "backbone.type=mlcd", f"backbone.path='{out}'",
          "datasets=[fashion_mnist]", f"out_dir='{out / 'eval'}'", f"cache_dir='{out / 'eval' / 'cache'}'", *a.eval],
-        out / "ablate.log")
+        "ablate", out / "ablate.log")
     lp, knn = probe_scores(out / "eval" / "results.json")
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     result = {"setting": s, "seed": seed, "linear_probe_top1": lp, "knn_top1": knn,
@@ -183,7 +172,7 @@ def baselines(a, run: bool) -> dict:
             if run and not (d / "result.json").exists():
                 run_stage([sys.executable, "eval_linear_probe.py", *overrides, f"backbone.seed={seed}",
                            "datasets=[fashion_mnist]", f"out_dir='{d}'", f"cache_dir='{d / 'cache'}'", *a.eval],
-                          d / "ablate.log")
+                          "ablate", d / "ablate.log")
                 lp, knn = probe_scores(d / "results.json")
                 fileio.write_json(d / "result.json", {"linear_probe_top1": lp, "knn_top1": knn, "seed": seed})
             if (d / "result.json").exists():

@@ -7,26 +7,19 @@ shards -> cluster.py -> torchrun train.py -> eval_linear_probe.py (4 backbones) 
 Every stage skips work already done, so an interrupted demo resumes where it stopped.
 """
 import json
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-REPO = Path(__file__).resolve().parents[1]
+from mlcd.stages import REPO, run_stage, show
+
 CONFIG = REPO / "configs" / "demo.yaml"
 
 
-def run(cmd: list[str], log: list) -> None:
-    """Run one stage as a subprocess, echoing its command line; fail loudly with the stage named."""
-    print(f"\n$ {shlex.join(cmd)}", flush=True)
-    t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO)
-    log.append({"cmd": shlex.join(cmd), "seconds": round(time.time() - t0, 1)})
-    if proc.returncode != 0:
-        raise SystemExit(f"demo stage failed (exit {proc.returncode}): {shlex.join(cmd)}")
+def run(cmd: list[str], timings: list) -> None:
+    timings.append({"cmd": show(cmd), "seconds": run_stage(cmd, "demo")})
 
 
 def shard_pattern(shard_dir: Path, prefix: str) -> str:

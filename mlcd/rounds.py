@@ -18,11 +18,8 @@ the majority-class purity, and the fraction of images that left their old cluste
 Like mlcd.demo and mlcd.ablate, every stage runs as the command line it prints.
 """
 import json
-import shlex
-import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,46 +28,12 @@ from omegaconf import OmegaConf
 from mlcd import fileio
 from mlcd.ablate import probe_scores
 from mlcd.data.labels import read_shard_labels
+from mlcd.stages import REPO, load_marker, run_once, run_stage
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "rounds.yaml"
 STAGES = ("cluster", "train", "eval")
 # settings that decide the results: a root made with others is refused (num_rounds may grow)
 SETTINGS = ("init", "init_from", "feature", "shards_dir", "limit", "max_per_shard", "nproc", "cluster", "train", "eval")
-
-
-def show(cmd: list[str]) -> str:
-    """The command line to paste into a shell; hydra's quoted values ('...' inside) go in double quotes."""
-    def q(a):
-        return a if shlex.quote(a) == a else f'"{a}"' if not set('"$`\\!') & set(a) else shlex.quote(a)
-    return " ".join(q(a) for a in cmd)
-
-
-def run(cmd: list[str], log: Path) -> float:
-    """One stage as a subprocess (output appended to `log`); returns its seconds; a failure names the stage."""
-    print(f"$ {show(cmd)}", flush=True)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    with open(log, "a") as f:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
-        raise SystemExit(f"{tail}\nrounds: stage failed (exit {proc.returncode}), log {log}: {show(cmd)}")
-    return round(time.time() - t0, 1)
-
-
-def load(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def stage(marker: Path, cmd: list[str], extra=lambda: {}) -> dict:
-    """Run `cmd` unless `marker` says it finished; the marker (command, seconds, `extra()`) is written after."""
-    done = load(marker)
-    if done is None:
-        seconds = run(cmd, marker.with_suffix(".log"))
-        done = {"cmd": show(cmd), "seconds": seconds, **extra()}
-        fileio.write_json(marker, done)
-    return done
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -111,7 +74,7 @@ def check(r, root: Path) -> dict:
             raise SystemExit(f"rounds.{key}={r[key]!r}: an integer >= 1")
     rc = OmegaConf.to_container(r, resolve=True)
     settings = {k: rc[k] for k in SETTINGS}
-    old = load(root / "settings.json")
+    old = load_marker(root / "settings.json")
     if old is not None and old != settings:
         diff = "; ".join(f"rounds.{k}: {old.get(k)!r} there, {settings[k]!r} now" for k in SETTINGS
                          if old.get(k) != settings[k])
@@ -120,7 +83,7 @@ def check(r, root: Path) -> dict:
     if r.init_from:
         check_init(r.init_from, train_model_cfg(r.train), "rounds.init_from")
     for i in range(r.num_rounds):  # a finished training the next round builds on must still be there
-        done = load(root / f"round{i}" / "train.json")
+        done = load_marker(root / f"round{i}" / "train.json")
         if done and i + 1 < r.num_rounds and not Path(done["checkpoint"]).is_dir():
             raise SystemExit(f"rounds: round {i}'s checkpoint {done['checkpoint']} is gone (round {i + 1} clusters "
                              f"with it); delete {root / f'round{i}'} and later rounds to redo them")
@@ -132,9 +95,9 @@ def shards_pattern(r) -> tuple[str, list[Path]]:
     """(brace pattern, tar paths) of the demo's shards, made when missing."""
     sd = Path(r.shards_dir)
     if not (sd / "manifest.json").exists():
-        run([sys.executable, "-m", "mlcd.data.make_shards", "--source", "fashion_mnist", "--split", "train",
-             "--out", str(sd), "--prefix", "fmnist-train", "--max-per-shard", str(r.max_per_shard),
-             *(["--limit", str(r.limit)] if r.limit else [])], sd.parent / "make_shards.log")
+        run_stage([sys.executable, "-m", "mlcd.data.make_shards", "--source", "fashion_mnist", "--split", "train",
+                   "--out", str(sd), "--prefix", "fmnist-train", "--max-per-shard", str(r.max_per_shard),
+                   *(["--limit", str(r.limit)] if r.limit else [])], "rounds", sd.parent / "make_shards.log")
     names = [s["name"] for s in json.loads((sd / "manifest.json").read_text())["shards"]]
     return f"{sd}/fmnist-train-{{000000..{len(names) - 1:06d}}}.tar", [sd / n for n in names]
 
@@ -142,13 +105,13 @@ def shards_pattern(r) -> tuple[str, list[Path]]:
 def one_round(r, root: Path, i: int, shards: str) -> None:
     """Cluster, train, probe round i (each step skipped once finished)."""
     d, py = root / f"round{i}", sys.executable
-    prev = load(root / f"round{i - 1}" / "train.json")["checkpoint"] if i else None
+    prev = load_marker(root / f"round{i - 1}" / "train.json")["checkpoint"] if i else None
     init = prev if i and r.init == "previous" else (r.init_from if not i else None)
     if init:  # before the round's clustering: it fails now, not after
         check_init(init, train_model_cfg(r.train), f"round {i}: train.init_from")
     teacher = [f"extract.backbone={{type: mlcd, path: '{prev}'}}", f"extract.feature={r.feature}"] if i else []
-    stage(d / "cluster.json", [py, "cluster.py", f"shards='{shards}'", f"out_dir='{d / 'cluster'}'", *r.cluster,
-                               *teacher])
+    run_once(d / "cluster.json", [py, "cluster.py", f"shards='{shards}'", f"out_dir='{d / 'cluster'}'", *r.cluster,
+                                  *teacher], "rounds")
 
     launch = ([py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={r.nproc}"]
               if r.nproc > 1 else [py])
@@ -156,10 +119,10 @@ def one_round(r, root: Path, i: int, shards: str) -> None:
     def newest_checkpoint():
         from mlcd.models.loading import find_checkpoint
         return {"checkpoint": str(find_checkpoint(d / "train").resolve()), "init_from": str(init) if init else None}
-    trained = stage(d / "train.json", [
+    trained = run_once(d / "train.json", [
         *launch, "train.py", f"data.train_shards='{shards}'", f"data.labels_dir='{d / 'cluster' / 'labels'}'",
         f"out_dir='{d / 'train'}'", *([f"train.init_from='{init}'", "train.init_centers=false"] if init else []),
-        *r.train], newest_checkpoint)
+        *r.train], "rounds", newest_checkpoint)
     evaluate(r, d / "eval", ["backbone.type=mlcd", f"backbone.path='{trained['checkpoint']}'"])
 
 
@@ -167,8 +130,8 @@ def evaluate(r, out: Path, backbone: list[str]) -> dict:
     def scores():
         lp, knn = probe_scores(out / "results.json")
         return {"linear_probe_top1": lp, "knn_top1": knn}
-    return stage(out.with_suffix(".json"), [sys.executable, "eval_linear_probe.py", *backbone,
-                                            "datasets=[fashion_mnist]", f"out_dir='{out}'", *r.eval], scores)
+    return run_once(out.with_suffix(".json"), [sys.executable, "eval_linear_probe.py", *backbone,
+                                               "datasets=[fashion_mnist]", f"out_dir='{out}'", *r.eval], "rounds", scores)
 
 
 def baselines(r, root: Path) -> dict:
@@ -240,13 +203,13 @@ def report(r, root: Path, tars: list[Path], classes: dict, base: dict | None) ->
     prev, rows = None, []
     for i in range(r.num_rounds):
         d = root / f"round{i}"
-        cl, tr, ev = (load(d / f"{s}.json") for s in STAGES)
+        cl, tr, ev = (load_marker(d / f"{s}.json") for s in STAGES)
         if cl is None:
             break
         cur = top1_labels(d / "cluster" / "labels", tars)
-        teacher = load(root / f"round{i - 1}" / "train.json")["checkpoint"] if i else "teacher"
+        teacher = load_marker(root / f"round{i - 1}" / "train.json")["checkpoint"] if i else "teacher"
         row = {"round": i, "clustered_with": teacher,
-               "num_classes": load(d / "cluster" / "labels" / "manifest.json")["num_classes"],
+               "num_classes": load_marker(d / "cluster" / "labels" / "manifest.json")["num_classes"],
                **label_metrics(cur, prev, classes)}
         row.update({k: tr and tr[k] for k in ("init_from", "checkpoint")})
         row.update({k: ev and ev[k] for k in ("linear_probe_top1", "knn_top1")})

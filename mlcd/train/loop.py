@@ -199,7 +199,7 @@ class SyntheticStream:
 def train(cfg) -> dict:
     # ---- setup: check settings before any work, then build model, classifier, optimizers ----
     device = dist.init()
-    world, rank = dist.world_size(), dist.rank()
+    world = dist.world_size()
     t = cfg.train
     precision = resolve_precision(t.precision, device)
     check_sharding(t.sharding, world)
