@@ -8,7 +8,8 @@
     4. features       frozen features under bf16 autocast (eval_linear_probe.py, cluster.py) vs fp32; the linear
                       probe fitted on GPU vs CPU
     5. trainer        train.py on the GPU (synthetic data): auto precision = bf16, peak memory, a checkpoint with the
-                      CUDA RNG state, resumed to the same losses as an uninterrupted run
+                      CUDA RNG state, resumed to the same losses as an uninterrupted run; with 2+ GPUs also DDP vs
+                      FSDP2 over NCCL on 2 ranks
     6. throughput     bench/train.py: vit_b16 at 224, 1M classes, r = 0.1: images/s and MFU
 
 Writes bench/results/gpu_check.json and prints one line per check; exits 1 if a check fails. Without CUDA it says
@@ -209,8 +210,10 @@ def check_trainer(device, smoke: bool) -> dict:
               "train.global_batch_size=16"] if smoke else ["model=vit_b16", "train.global_batch_size=64"])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
-    def train(out_dir, steps):
-        cmd = [sys.executable, str(ROOT / "train.py"), f"out_dir={out_dir}", f"train.total_steps={steps}", *args]
+    def train(out_dir, steps, ranks=1, *extra):
+        launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+                  if ranks > 1 else [sys.executable])
+        cmd = [*launch, str(ROOT / "train.py"), f"out_dir={out_dir}", f"train.total_steps={steps}", *args, *extra]
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         if r.returncode:
             raise RuntimeError(f"train.py failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
@@ -222,6 +225,9 @@ def check_trainer(device, smoke: bool) -> dict:
         resumed = train(f"{tmp}/resumed", 6)
         config = OmegaConf.load(f"{tmp}/whole/config.yaml")
         rng = torch.load(f"{tmp}/whole/checkpoints/step-00000006/rng-rank00000.pt", weights_only=True)
+        # two GPUs: NCCL, DDP and FSDP2 (bf16 params, fp32 reduce) on the same global batches
+        multi = {kind: [r["loss"] for r in train(f"{tmp}/{kind}", 6, 2, f"train.sharding={kind}")]
+                 for kind in ("ddp", "fsdp")} if device.type == "cuda" and torch.cuda.device_count() >= 2 else None
     losses, again = [r["loss"] for r in whole], [r["loss"] for r in resumed]
     out = {"losses": losses, "resumed_losses": again, "peak_mem_mb": whole[-1]["peak_mem_mb"],
            "precision": config.train.precision, "cuda_rng_saved": rng.get("cuda") is not None,
@@ -230,6 +236,12 @@ def check_trainer(device, smoke: bool) -> dict:
     out["resume_max_rel_diff"] = max(abs(a - b) / abs(b) for a, b in zip(again, losses))
     out["ok"] = (out["resume_max_rel_diff"] <= 1e-3 and all(np.isfinite(losses))
                  and (device.type != "cuda" or out["cuda_rng_saved"]))
+    if multi:  # DDP autocasts over fp32 weights (LayerNorm in fp32), FSDP runs bf16 weights: close, not equal
+        out.update(ddp_losses=multi["ddp"], fsdp_losses=multi["fsdp"], fsdp_vs_ddp_max_rel_diff=max(
+            abs(a - b) / abs(b) for a, b in zip(multi["fsdp"], multi["ddp"])))
+        out["ok"] = out["ok"] and out["fsdp_vs_ddp_max_rel_diff"] <= LOSS_RTOL
+    else:
+        out["two_gpus"] = "skipped: DDP/FSDP over NCCL needs 2 GPUs"
     return out
 
 
