@@ -5,6 +5,8 @@
 Round 0 clusters the demo's shards with the teacher (cluster.py's open_clip settings); round i >= 1 clusters them
 with round i-1's final checkpoint (`extract.backbone={type: mlcd, path: <checkpoint>}`), and trains from that
 checkpoint's backbone (`rounds.init=previous`, class centers not taken: the clustering changes) or from scratch.
+`rounds.recluster=false` is the control: every round trains on round 0's clustering, so the same training steps
+run without re-clustering.
 After each round's training, the linear probe + kNN on Fashion-MNIST test; once, the baselines (raw pixels, the
 teacher's features). Under rounds.root:
     round{i}/{cluster,train,eval}/        each stage's output dir, its log ({stage}.log) and, once it finished,
@@ -33,7 +35,14 @@ from mlcd.stages import REPO, load_marker, run_once, run_stage
 CONFIG = REPO / "configs" / "rounds.yaml"
 STAGES = ("cluster", "train", "eval")
 # settings that decide the results: a root made with others is refused (num_rounds may grow)
-SETTINGS = ("init", "init_from", "feature", "shards_dir", "limit", "max_per_shard", "nproc", "cluster", "train", "eval")
+SETTINGS = ("init", "init_from", "feature", "recluster", "shards_dir", "limit", "max_per_shard", "nproc", "cluster",
+            "train", "eval")
+
+
+def clustering_dir(r, root: Path, i: int) -> Path:
+    """Round i's clustering: its own, or round 0's when rounds.recluster=false (the control run)."""
+    return root / f"round{i if r.recluster else 0}" / "cluster"
+
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -75,6 +84,8 @@ def check(r, root: Path) -> dict:
     rc = OmegaConf.to_container(r, resolve=True)
     settings = {k: rc[k] for k in SETTINGS}
     old = load_marker(root / "settings.json")
+    if old is not None:
+        old.setdefault("recluster", True)  # roots made before the setting existed re-clustered every round
     if old is not None and old != settings:
         diff = "; ".join(f"rounds.{k}: {old.get(k)!r} there, {settings[k]!r} now" for k in SETTINGS
                          if old.get(k) != settings[k])
@@ -110,8 +121,10 @@ def one_round(r, root: Path, i: int, shards: str) -> None:
     if init:  # before the round's clustering: it fails now, not after
         check_init(init, train_model_cfg(r.train), f"round {i}: train.init_from")
     teacher = [f"extract.backbone={{type: mlcd, path: '{prev}'}}", f"extract.feature={r.feature}"] if i else []
-    run_once(d / "cluster.json", [py, "cluster.py", f"shards='{shards}'", f"out_dir='{d / 'cluster'}'", *r.cluster,
-                                  *teacher], "rounds")
+    if r.recluster or i == 0:
+        run_once(d / "cluster.json", [py, "cluster.py", f"shards='{shards}'", f"out_dir='{d / 'cluster'}'",
+                                      *r.cluster, *teacher], "rounds")
+    labels = clustering_dir(r, root, i) / "labels"
 
     launch = ([py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={r.nproc}"]
               if r.nproc > 1 else [py])
@@ -120,7 +133,7 @@ def one_round(r, root: Path, i: int, shards: str) -> None:
         from mlcd.models.loading import find_checkpoint
         return {"checkpoint": str(find_checkpoint(d / "train").resolve()), "init_from": str(init) if init else None}
     trained = run_once(d / "train.json", [
-        *launch, "train.py", f"data.train_shards='{shards}'", f"data.labels_dir='{d / 'cluster' / 'labels'}'",
+        *launch, "train.py", f"data.train_shards='{shards}'", f"data.labels_dir='{labels}'",
         f"out_dir='{d / 'train'}'", *([f"train.init_from='{init}'", "train.init_centers=false"] if init else []),
         *r.train], "rounds", newest_checkpoint)
     evaluate(r, d / "eval", ["backbone.type=mlcd", f"backbone.path='{trained['checkpoint']}'"])
@@ -204,12 +217,16 @@ def report(r, root: Path, tars: list[Path], classes: dict, base: dict | None) ->
     for i in range(r.num_rounds):
         d = root / f"round{i}"
         cl, tr, ev = (load_marker(d / f"{s}.json") for s in STAGES)
+        if not r.recluster and i:
+            cl = tr and {"seconds": 0.0}  # round 0's clustering, kept
         if cl is None:
             break
-        cur = top1_labels(d / "cluster" / "labels", tars)
-        teacher = load_marker(root / f"round{i - 1}" / "train.json")["checkpoint"] if i else "teacher"
+        labels = clustering_dir(r, root, i) / "labels"
+        cur = top1_labels(labels, tars)
+        teacher = (load_marker(root / f"round{i - 1}" / "train.json")["checkpoint"] if i and r.recluster
+                   else "teacher")
         row = {"round": i, "clustered_with": teacher,
-               "num_classes": load_marker(d / "cluster" / "labels" / "manifest.json")["num_classes"],
+               "num_classes": load_marker(labels / "manifest.json")["num_classes"],
                **label_metrics(cur, prev, classes)}
         row.update({k: tr and tr[k] for k in ("init_from", "checkpoint")})
         row.update({k: ev and ev[k] for k in ("linear_probe_top1", "knn_top1")})
@@ -231,7 +248,7 @@ def markdown(rows: list, base: dict) -> str:
     lines = ["| round | clustered with | AMI(labels, classes) | purity | AMI(vs previous round) | "
              "top-1 changed (after majority mapping) | linear probe top-1 | kNN top-1 |", "|---" * 8 + "|"]
     for x in rows:
-        src = "teacher" if x["round"] == 0 else f"round {x['round'] - 1} encoder"
+        src = "teacher" if x["clustered_with"] == "teacher" else f"round {x['round'] - 1} encoder"
         lines.append(f"| {x['round']} | {src} | {f(x['ami_vs_classes'])} | {f(x['purity'])} | "
                      f"{f(x['ami_vs_previous'])} | {f(x['top1_changed_after_majority_mapping'])} | "
                      f"{f(x['linear_probe_top1'], True)} | {f(x['knn_top1'], True)} |")

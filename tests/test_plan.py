@@ -226,9 +226,9 @@ def test_planned_peak_matches_a_measured_two_rank_run(sharding, shape, data, tmp
     overrides = _run_overrides(data, tmp_path / "run", ["model=vit_tiny", f"train.sharding={sharding}", *shape])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, *overrides]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PEAK_DIR": str(tmp_path)})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    measured = [json.loads(l[len("PEAK "):]) for l in r.stdout.splitlines() if l.startswith("PEAK ")]
+    measured = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("peak-rank*.json"))]
     assert sorted(m["rank"] for m in measured) == [0, 1]
     p = plan(load_config(overrides), 2, gpu="cpu")
     if sharding == "ddp":
@@ -239,6 +239,7 @@ def test_planned_peak_matches_a_measured_two_rank_run(sharding, shape, data, tmp
         _compare(m["bytes"], p, f"2 ranks, rank {m['rank']}")
 
 
-if __name__ == "__main__":   # the torchrun worker of the two-rank test: train, print this rank's measured peak
+if __name__ == "__main__":   # the torchrun worker of the two-rank test: train, write this rank's measured peak
     peak = _measure_train(sys.argv[1:])
-    print("PEAK " + json.dumps({"rank": int(os.environ["RANK"]), "bytes": peak}), flush=True)
+    rank = int(os.environ["RANK"])
+    (Path(os.environ["PEAK_DIR"]) / f"peak-rank{rank}.json").write_text(json.dumps({"rank": rank, "bytes": peak}))

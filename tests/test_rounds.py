@@ -1,7 +1,8 @@
 """`python -m mlcd.rounds` at a miniature size (300 images, k = 12, 3 training steps, 2 rounds): the report agrees
 with an independent recomputation from the label files, round 1 clustered with round 0's checkpoint and trained from
 it, a run killed after round 0 and re-run redoes nothing finished and ends with a clean run's numbers, and a bad
-checkpoint or changed settings are refused before any work."""
+checkpoint or changed settings are refused before any work; the control (rounds.recluster=false) trains every round
+on round 0's labels."""
 import json
 import os
 import shlex
@@ -127,6 +128,19 @@ def test_rounds_miniature_resume_equals_clean_run(tmp_path):
     # other settings over a finished root: refused before any work
     with pytest.raises(SystemExit, match=r"rounds\.train: .*train\.total_steps=3.*train\.total_steps=4"):
         rounds.main(_argv(tmp_path, "clean", [*TRAIN, "train.total_steps=4"]))
+
+    # the control (rounds.recluster=false): round 1 trains from round 0's weights on round 0's labels; its round 0 is
+    # the clean run's (copied: round 0 does not depend on the setting)
+    import shutil
+    control = tmp_path / "control"
+    shutil.copytree(clean / "round0", control / "round0")
+    rounds.main([*_argv(tmp_path, "control"), "rounds.recluster=false"])
+    assert not (control / "round1" / "cluster").exists() and not (control / "round1" / "cluster.json").exists()
+    cfg = OmegaConf.load(control / "round1" / "train" / "config.yaml")
+    assert cfg.data.labels_dir == str(control / "round0" / "cluster" / "labels") and cfg.train.init_from == ckpt0
+    c0, c1 = json.loads((control / "rounds_report.json").read_text())["rounds"]
+    assert c1["ami_vs_previous"] == pytest.approx(1.0) and c1["clustered_with"] == "teacher"
+    assert c1["top1_changed_after_majority_mapping"] == 0 and c1["knn_top1"] is not None
 
 
 def test_bad_init_checkpoint_fails_before_any_work(tmp_path):
