@@ -33,13 +33,12 @@ def global_grad_norm(backbone: torch.nn.Module, pfc) -> torch.Tensor:
 
 def train_step(model, pfc, backbone_opt, center_opt, micro_batches, step: int, grad_accum: int,
                clip_grad: float, autocast) -> StepResult:
-    """Forward/backward over `grad_accum` micro-batches (DDP syncs on the last only), clip on the global norm,
+    """Forward/backward over `grad_accum` micro-batches (gradients sync on the last only), clip on the global norm,
     step both optimizers, or skip the update on every rank together when the loss or gradient is not finite.
 
     model: the backbone as sharding.wrap_backbone returns it (DDP, FSDP or plain). micro_batches: an iterator of
-    (images, labels) on the
-    device. step: the optimizer step; micro-step i of it seeds PartialFC's negative sample with
-    step * grad_accum + i, so a resumed run draws the same negatives."""
+    (images, labels) on the device. step: the optimizer step; micro-step i of it seeds PartialFC's negative sample
+    with step * grad_accum + i, so a resumed run draws the same negatives."""
     device = pfc.weight.device
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
