@@ -40,7 +40,7 @@ def wrap_backbone(model: torch.nn.Module, kind: str, device: torch.device, preci
         mesh = init_device_mesh(device.type, (world,))
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16"
               else MixedPrecisionPolicy())
-        for block in model.blocks:  # one all-gather per block: at most one block's full weights at a time
+        for block in model.blocks:  # gathered block by block: one computing, the next prefetched (mlcd.plan)
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
         return model
