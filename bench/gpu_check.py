@@ -171,12 +171,11 @@ def check_faiss(device, smoke: bool) -> dict:
 # ---------------------------------------------------------------------------------------------- 4. features + probe
 def check_features_and_probe(device, smoke: bool) -> dict:
     from mlcd.eval.linear_probe import fit_logreg, top1_accuracy
-    from mlcd.models.backbones import Backbone, _our_vit_forward
+    from mlcd.models.backbones import build_backbone
 
-    torch.manual_seed(0)
     model_cfg = _tiny_model_cfg() if smoke else _cfg("model", "vit_b16")
-    model = build_model(model_cfg).to(device).eval()
-    backbone = Backbone("mlcd", model, None, "pooled", {}, _our_vit_forward(model, "pooled"), "check", "random")
+    backbone = build_backbone({"type": "random", "model": model_cfg, "seed": 0}, feature="pooled")
+    model = backbone.model.to(device)                       # eval() already; the feature closure uses this module
     images = torch.randn(64, 3, model.image_size, model.image_size, device=device)
     amp = backbone(images)                                  # bf16 autocast on CUDA: what eval and extract run
     with torch.no_grad():

@@ -26,7 +26,21 @@ def _argv(tmp):
             "ablate.tune.margin=[0.1,0.3]",
             "ablate.tune.monitor=[monitor.every=2,monitor.queries=train,monitor.train_size=100,monitor.test_size=50]",
             "ablate.base={k: 8, l: 2, r: 0.5, lr: 2e-3, margin: 0.3}", "ablate.only_groups=[loss,k]",
-            "ablate.groups.loss=[{kind: mlcd},{kind: single}]", "ablate.groups.k=[{k: 8},{k: 12}]"]
+            "ablate.groups.loss=[{kind: mlcd}]", "ablate.groups.k=[{k: 8},{k: 12}]"]
+
+
+def test_single_label_rows_use_the_top1_label_and_untuned_kinds_the_base_lr_and_margin():
+    from omegaconf import OmegaConf
+    from mlcd import ablate
+    a = OmegaConf.merge(OmegaConf.load(ablate.CONFIG), OmegaConf.from_dotlist(
+        ["ablate.only_groups=[loss]", "ablate.groups.loss=[{kind: mlcd},{kind: single},{kind: single, l: 2}]"])).ablate
+    rows = [row for _, row in ablate.grid_rows(a)]
+    assert rows == [{"kind": "mlcd"}, {"kind": "single", "l": 1}, {"kind": "single", "l": 2}]  # an explicit l stays
+    tuned = {"mlcd": {"lr": 1e-3, "margin": 0.1}}
+    mlcd, single = (ablate.setting(a, r, tuned) for r in rows[:2])
+    assert (mlcd["lr"], mlcd["margin"], mlcd["l"]) == (1e-3, 0.1, a.base.l)
+    assert (single["lr"], single["margin"], single["l"]) == (a.base.lr, a.base.margin, 1)
+    assert ablate.run_name(single) == f"k{a.base.k}/single,l=1,r={a.base.r},lr={a.base.lr:g},m={a.base.margin:g}"
 
 
 def _launch(tmp, log):
@@ -52,11 +66,11 @@ def test_ablate_miniature_kill_and_resume(tmp_path):
     tuning = json.loads((tmp_path / "runs" / "tuning.json").read_text())
     tried = tuning["tried"]["mlcd"]
     assert len(tried) == 2 and tuning["best"]["mlcd"]["margin"] == max(tried, key=lambda t: t["heldout_knn"])["margin"]
-    assert set(tuning["best"]) == {"mlcd"}  # single was not tuned here: it runs at base lr and margin
+    assert set(tuning["best"]) == {"mlcd"}
     agg = json.loads((tmp_path / "results" / "ablation.json").read_text())
     assert agg["complete"]
     rows = {(g, r["setting"]["kind"], r["setting"]["k"]): r for g, rs in agg["groups"].items() for r in rs}
-    assert set(rows) == {("loss", "mlcd", 8), ("loss", "single", 8), ("k", "mlcd", 8), ("k", "mlcd", 12)}
+    assert set(rows) == {("loss", "mlcd", 8), ("k", "mlcd", 8), ("k", "mlcd", 12)}
     for row in rows.values():
         assert row["n"] == 2 and row["seeds"] == [0, 1]
         v = np.array(row["linear_probe_top1"]["values"])
@@ -64,10 +78,8 @@ def test_ablate_miniature_kill_and_resume(tmp_path):
         assert abs(row["linear_probe_top1"]["std"] - v.std(ddof=1)) < 1e-9
     # the mlcd row of the loss group and the k = 8 row are one setting: trained once, reported twice
     assert rows[("loss", "mlcd", 8)]["linear_probe_top1"] == rows[("k", "mlcd", 8)]["linear_probe_top1"]
-    assert rows[("loss", "single", 8)]["setting"]["l"] == 1
-    assert (rows[("loss", "single", 8)]["setting"]["lr"], rows[("loss", "single", 8)]["setting"]["margin"]) == (2e-3, 0.3)
     assert (tmp_path / "results" / "ablation.png").stat().st_size > 0
-    assert (tmp_path / "results" / "ablation.md").read_text().count("\n") == 2 + 2 + 4  # header, baselines, rows
+    assert (tmp_path / "results" / "ablation.md").read_text().count("\n") == 2 + 2 + 3  # header, baselines, rows
     base = agg["baselines"]
     assert base["random init ViT"]["n"] == 2 and base["raw pixels"]["n"] == 1
     pixels = json.loads((tmp_path / "runs/baselines/raw_pixels/seed=0/results.json").read_text())

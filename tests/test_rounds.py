@@ -1,6 +1,6 @@
 """`python -m mlcd.rounds` at a miniature size (300 images, k = 12, 3 training steps, 2 rounds): the report agrees
 with an independent recomputation from the label files, round 1 clustered with round 0's checkpoint and trained from
-it, a run killed after round 0 and re-run redoes nothing finished and ends with a clean run's numbers, and a bad
+it, a run killed after round 0 and re-run redoes nothing finished, and a bad
 checkpoint or changed settings are refused before any work; the control (rounds.recluster=false) trains every round
 on round 0's labels."""
 import json
@@ -41,13 +41,6 @@ def _launch(argv, log: Path):
                             stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
 
 
-def _numbers(report: dict) -> dict:
-    """What a run measured (not where it wrote nor how long it took)."""
-    skip = {"checkpoint", "clustered_with", "init_from", "seconds"}
-    return {"rounds": [{k: v for k, v in row.items() if k not in skip} for row in report["rounds"]],
-            "baselines": report["baselines"]}
-
-
 def _top1(labels_dir: Path) -> dict:
     out = {}
     for keys_file in sorted(labels_dir.glob("*.keys.txt")):
@@ -60,36 +53,30 @@ def _follow(a: np.ndarray, b: np.ndarray) -> float:
     return sum(np.bincount(b[a == v]).max() for v in np.unique(a)) / len(a)
 
 
-def test_rounds_miniature_resume_equals_clean_run(tmp_path):
-    clean = tmp_path / "clean"
-    proc = subprocess.run([sys.executable, "-m", "mlcd.rounds", *_argv(tmp_path, "clean")], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    # a second run killed once round 0 finished, then re-run
-    killed = tmp_path / "killed"
-    proc = _launch(_argv(tmp_path, "killed"), tmp_path / "first.log")
+def test_rounds_miniature_killed_resumed_and_its_control(tmp_path):
+    # a run killed once round 0 finished, then re-run: round 0 is not redone and round 1 builds on it
+    run = tmp_path / "run"
+    proc = _launch(_argv(tmp_path, "run"), tmp_path / "first.log")
     deadline = time.time() + 600
-    while not (killed / "round0" / "eval.json").exists():
+    while not (run / "round0" / "eval.json").exists():
         assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    r0 = killed / "round0"
+    r0 = run / "round0"
     before = {p: p.stat().st_mtime_ns for p in [*r0.glob("*.json"), *r0.glob("*.log"), *r0.rglob("*.safetensors")]}
     assert len(before) == 7  # 3 markers, 3 logs, 1 checkpoint
-    proc = _launch(_argv(tmp_path, "killed"), tmp_path / "second.log")
+    proc = _launch(_argv(tmp_path, "run"), tmp_path / "second.log")
     assert proc.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()[-3000:]
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # nothing of round 0 was redone
-    report = json.loads((clean / "rounds_report.json").read_text())
-    assert _numbers(json.loads((killed / "rounds_report.json").read_text())) == _numbers(report)
+    report = json.loads((run / "rounds_report.json").read_text())
 
     # the report's structure, and its label metrics recomputed from the label files and the true classes
     from mlcd.data import fashion_mnist
     assert report["complete"] and [r["round"] for r in report["rounds"]] == [0, 1]
     assert set(report["baselines"]) == {"raw pixels", "teacher features (ViT-S-32, random init)"}
     classes = fashion_mnist.load("train")[1]
-    t0, t1 = _top1(clean / "round0" / "cluster" / "labels"), _top1(clean / "round1" / "cluster" / "labels")
+    t0, t1 = _top1(run / "round0" / "cluster" / "labels"), _top1(run / "round1" / "cluster" / "labels")
     keys = sorted(t0)
     assert len(keys) == 300 and sorted(t1) == keys
     a0, a1 = np.array([t0[k] for k in keys]), np.array([t1[k] for k in keys])
@@ -98,7 +85,7 @@ def test_rounds_miniature_resume_equals_clean_run(tmp_path):
         assert row["num_classes"] == 12 and row["images"] == 300 and row["clusters_used"] == len(np.unique(a))
         assert row["ami_vs_classes"] == pytest.approx(adjusted_mutual_info_score(c, a), abs=1e-12)
         assert row["purity"] == pytest.approx(_follow(a, c), abs=1e-12)
-        res = json.loads((clean / f"round{row['round']}" / "eval" / "results.json").read_text())["results"][0]
+        res = json.loads((run / f"round{row['round']}" / "eval" / "results.json").read_text())["results"][0]
         assert (row["linear_probe_top1"], row["knn_top1"]) == (100 * res["metrics"]["lp_acc1"],
                                                                100 * res["metrics"]["knn_acc1"])
     r0, r1 = report["rounds"]
@@ -110,31 +97,34 @@ def test_rounds_miniature_resume_equals_clean_run(tmp_path):
     assert report["baselines"]["raw pixels"]["linear_probe_top1"] > 40  # 10 classes: far above chance
 
     # round 0 clustered with the teacher; round 1 with round 0's final checkpoint, and trained from its backbone
-    ckpt0 = str(clean / "round0" / "train" / "checkpoints" / "step-00000003")
+    ckpt0 = str(run / "round0" / "train" / "checkpoints" / "step-00000003")
     assert r0["checkpoint"] == r1["clustered_with"] == r1["init_from"] == ckpt0 and r0["init_from"] is None
-    f0 = json.loads((clean / "round0" / "cluster" / "features" / "manifest.json").read_text())["settings"]
-    f1 = json.loads((clean / "round1" / "cluster" / "features" / "manifest.json").read_text())["settings"]
+    f0 = json.loads((run / "round0" / "cluster" / "features" / "manifest.json").read_text())["settings"]
+    f1 = json.loads((run / "round1" / "cluster" / "features" / "manifest.json").read_text())["settings"]
     assert f0["backbone"] is None and f0["model"] == "ViT-S-32"
     assert f1["backbone"] == {"type": "mlcd", "path": ckpt0}
     assert f1["backbone_identity"]["path"] == ckpt0 and f1["backbone_identity"]["feature"] == "embedding"
-    cfg1 = OmegaConf.load(clean / "round1" / "train" / "config.yaml")
+    cfg1 = OmegaConf.load(run / "round1" / "train" / "config.yaml")
     assert cfg1.train.init_from == ckpt0 and cfg1.train.init_centers is False
-    assert f"initialised from {ckpt0} (backbone)" in (clean / "round1" / "train.log").read_text()
-    cmd = shlex.split(json.loads((clean / "round1" / "cluster.json").read_text())["cmd"])  # pastable command line
+    assert f"initialised from {ckpt0} (backbone)" in (run / "round1" / "train.log").read_text()
+    cmd = shlex.split(json.loads((run / "round1" / "cluster.json").read_text())["cmd"])  # pastable command line
     assert cmd[1] == "cluster.py" and f"extract.backbone={{type: mlcd, path: '{ckpt0}'}}" in cmd
-    assert (clean / "rounds_report.md").read_text().count("\n") == 2 + 2 + 2
-    assert (clean / "rounds.png").stat().st_size > 0
+    assert (run / "rounds_report.md").read_text().count("\n") == 2 + 2 + 2
+    assert (run / "rounds.png").stat().st_size > 0
 
     # other settings over a finished root: refused before any work
     with pytest.raises(SystemExit, match=r"rounds\.train: .*train\.total_steps=3.*train\.total_steps=4"):
-        rounds.main(_argv(tmp_path, "clean", [*TRAIN, "train.total_steps=4"]))
+        rounds.main(_argv(tmp_path, "run", [*TRAIN, "train.total_steps=4"]))
 
     # the control (rounds.recluster=false): round 1 trains from round 0's weights on round 0's labels; its round 0 is
-    # the clean run's (copied: round 0 does not depend on the setting)
+    # the run's above, as are the baselines (copied: neither depends on the setting)
     import shutil
     control = tmp_path / "control"
-    shutil.copytree(clean / "round0", control / "round0")
+    shutil.copytree(run / "round0", control / "round0")
+    shutil.copytree(run / "baselines", control / "baselines")
+    copied = {p: p.stat().st_mtime_ns for p in (control / "baselines").rglob("*.json")}
     rounds.main([*_argv(tmp_path, "control"), "rounds.recluster=false"])
+    assert copied and all(p.stat().st_mtime_ns == t for p, t in copied.items())  # the baselines were not redone
     assert not (control / "round1" / "cluster").exists() and not (control / "round1" / "cluster.json").exists()
     cfg = OmegaConf.load(control / "round1" / "train" / "config.yaml")
     assert cfg.data.labels_dir == str(control / "round0" / "cluster" / "labels") and cfg.train.init_from == ckpt0
