@@ -8,8 +8,9 @@ Phases, each skipping finished work, so the command can be killed and re-run at 
   2. tuning: every loss kind at each lr x margin, seed 0, ranked by kNN of held-out TRAIN images
   3. the grid at each kind's best setting, seed by seed (every setting at seed 0 first, so a partial run
      already covers every setting)
-  4. report: bench/results/ablation.json (mean, std, n per setting), bench/results/ablation.png, and the
-     markdown table (printed, and in ablation.md beside them) for the README
+  4. report: bench/results/ablation.json (mean, std, n per setting; each of the paper's claims as a difference
+     with its standard error over seeds), bench/results/ablation.png, and the markdown tables (printed, and in
+     ablation.md beside them) for the README
 A run's directory is named by its settings, so a setting that two groups share (l = 8 is also the mlcd row of
 the loss group) trains once. Like mlcd.demo, every stage runs as the command line it prints.
 """
@@ -201,15 +202,77 @@ def report(a, best: dict, tried: dict | None = None) -> dict:
     base = baselines(a, run=False)
     out = {"bench": "ablation", "what": "the paper's Table 5-6 directions at small scale (Fashion-MNIST, tiny ViT)",
            "config": OmegaConf.to_container(a), "tuning": {"best": best, "tried": tried or {}},
-           "baselines": base, "groups": groups,
+           "baselines": base, "groups": groups, "paper_directions": directions(groups),
            "complete": all(g["n"] == len(a.seeds) for rows in groups.values() for g in rows)}
     results = Path(a.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     fileio.write_json(results / "ablation.json", out)
     plot(groups, base, results / "ablation.png")
-    fileio.write_text(results / "ablation.md", markdown(groups, base) + "\n")
-    print(markdown(groups, base), flush=True)
+    text = markdown(groups, base) + "\n\n" + directions_markdown(out["paper_directions"]) + "\n"
+    fileio.write_text(results / "ablation.md", text)
+    print(text, flush=True)
     return out
+
+
+# The paper's claims that the grid tests: (claim, row A, row B, paper's A and B, where). A row is (group, the
+# settings it must have). The paper's figures are ImageNet linear probe of ViT-B/32 on LAION-400M (Tables 5-6)
+# or the 26-dataset linear-probe average (Table 7); k is compared at the same ratios (10x, 5x), not the same sizes.
+PAPER_DIRECTIONS = [
+    ("Eq. 5 (mlcd) beats Eq. 4 (mlc)", ("loss", {"kind": "mlcd"}), ("loss", {"kind": "mlc"}), 78.1, 76.9,
+     "Table 6 (32 epochs)"),
+    ("multi-label mlcd (l 8) beats single-label (UNICOM)", ("loss", {"kind": "mlcd"}), ("loss", {"kind": "single"}),
+     81.4, 79.2, "Table 7 (26-dataset average)"),
+    ("l 8 beats l 1", ("l", {"l": 8}), ("l", {"l": 1}), 75.2, 71.4, "Table 5c"),
+    ("l 8 beats l 4", ("l", {"l": 8}), ("l", {"l": 4}), 75.2, 73.2, "Table 5c"),
+    ("l 8 beats l 16", ("l", {"l": 8}), ("l", {"l": 16}), 75.2, 72.1, "Table 5c"),
+    ("r 0.1 beats r 0.01", ("r", {"r": 0.1}), ("r", {"r": 0.01}), 75.2, 73.4, "Table 5b"),
+    ("r 0.1 beats r 0.5", ("r", {"r": 0.1}), ("r", {"r": 0.5}), 75.2, 68.3, "Table 5b"),
+    ("r 0.1 beats r 1.0", ("r", {"r": 0.1}), ("r", {"r": 1.0}), 75.2, 63.2, "Table 5b"),
+    ("r 0.1 beats r 1.0 at k 5000", ("r_at_k5000", {"r": 0.1}), ("r_at_k5000", {"r": 1.0}), None, None, "-"),
+    ("10x more centers help (k 1000 vs 100; paper 1M vs 100K)", ("k", {"k": 1000}), ("k", {"k": 100}), 75.2, 66.9,
+     "Table 5a"),
+    ("5x more centers hurt (k 1000 vs 5000; paper 1M vs 5M)", ("k", {"k": 1000}), ("k", {"k": 5000}),
+     75.2, 74.7, "Table 5a"),
+]
+
+
+def compare(a: dict, b: dict) -> dict:
+    """Difference of two rows' means with its standard error over seeds (Welch): 'holds' when A - B > 2 SE,
+    'reversed' when A - B < -2 SE, 'within spread' otherwise; None without two seeds on each side."""
+    diff = a["mean"] - b["mean"]
+    if len(a["values"]) < 2 or len(b["values"]) < 2:
+        return {"diff": diff, "se": None, "verdict": None}
+    se = float(np.sqrt(a["std"] ** 2 / len(a["values"]) + b["std"] ** 2 / len(b["values"])))
+    verdict = "holds" if diff > 2 * se else "reversed" if diff < -2 * se else "within spread"
+    return {"diff": diff, "se": se, "verdict": verdict}
+
+
+def directions(groups: dict) -> list:
+    """Each of the paper's claims whose two rows the grid has, measured on both metrics."""
+    def find(group, want):
+        rows = [g for g in groups.get(group, []) if g["n"] and all(g["setting"][k] == v for k, v in want.items())]
+        return rows[0] if rows else None
+
+    out = []
+    for claim, (ga, wa), (gb, wb), paper_a, paper_b, source in PAPER_DIRECTIONS:
+        a, b = find(ga, wa), find(gb, wb)
+        if a and b:
+            out.append({"claim": claim, "paper": None if paper_a is None else round(paper_a - paper_b, 2),
+                        "paper_source": source, "n": [a["n"], b["n"]],
+                        **{m: compare(a[m], b[m]) for m in METRICS}})
+    return out
+
+
+def directions_markdown(rows: list) -> str:
+    def cell(c):
+        return f"{c['diff']:+.2f}" + ("" if c["se"] is None else f" ± {c['se']:.2f}: {c['verdict']}")
+    lines = ["| paper's claim | paper (linear probe) | here: linear probe (diff ± SE) | here: kNN | n |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        paper = "-" if r["paper"] is None else f"{r['paper']:+.1f}, {r['paper_source']}"
+        lines.append(f"| {r['claim']} | {paper} | {cell(r['linear_probe_top1'])} | {cell(r['knn_top1'])} | "
+                     f"{r['n'][0]}/{r['n'][1]} |")
+    return "\n".join(lines)
 
 
 def _label(group: str, s: dict) -> str:

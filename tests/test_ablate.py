@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from pytest import approx
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +42,27 @@ def test_single_label_rows_use_the_top1_label_and_untuned_kinds_the_base_lr_and_
     assert (mlcd["lr"], mlcd["margin"], mlcd["l"]) == (1e-3, 0.1, a.base.l)
     assert (single["lr"], single["margin"], single["l"]) == (a.base.lr, a.base.margin, 1)
     assert ablate.run_name(single) == f"k{a.base.k}/single,l=1,r={a.base.r},lr={a.base.lr:g},m={a.base.margin:g}"
+
+
+def test_paper_directions_take_the_difference_and_its_standard_error_over_seeds():
+    from mlcd import ablate
+
+    def row(group, values, **setting):
+        return {"setting": setting, "n": len(values), **{m: ablate.summary(values) for m in ablate.METRICS}}
+    groups = {"l": [row("l", [70.0, 71.0, 72.0], l=1), row("l", [75.0, 76.0, 77.0], l=8),
+                    row("l", [75.5, 76.5, 74.0], l=16)],
+              "r": [row("r", [76.0], r=0.1), row("r", [60.0], r=1.0)], "loss": [row("loss", [], kind="mlcd")]}
+    got = {d["claim"]: d for d in ablate.directions(groups)}
+    assert set(got) == {"l 8 beats l 1", "l 8 beats l 16", "r 0.1 beats r 1.0"}  # rows without runs are left out
+    se = np.sqrt(2 * 1.0 / 3)  # both l rows: std 1 over 3 seeds
+    assert got["l 8 beats l 1"]["linear_probe_top1"] == {"diff": 5.0, "se": approx(se), "verdict": "holds"}
+    assert got["l 8 beats l 1"]["paper"] == approx(3.8) and got["l 8 beats l 1"]["n"] == [3, 3]
+    assert got["l 8 beats l 16"]["knn_top1"]["verdict"] == "within spread"
+    assert got["r 0.1 beats r 1.0"]["knn_top1"] == {"diff": 16.0, "se": None, "verdict": None}  # one seed: no verdict
+    reversed_ = ablate.compare(ablate.summary([1.0, 2.0, 3.0]), ablate.summary([9.0, 10.0, 11.0]))
+    assert reversed_["verdict"] == "reversed"
+    table = ablate.directions_markdown(list(got.values()))
+    assert "| l 8 beats l 1 | +3.8, Table 5c | +5.00 ± 0.82: holds |" in table and "| +16.00 | 1/1 |" in table
 
 
 def _launch(tmp, log):
@@ -79,7 +101,8 @@ def test_ablate_miniature_kill_and_resume(tmp_path):
     # the mlcd row of the loss group and the k = 8 row are one setting: trained once, reported twice
     assert rows[("loss", "mlcd", 8)]["linear_probe_top1"] == rows[("k", "mlcd", 8)]["linear_probe_top1"]
     assert (tmp_path / "results" / "ablation.png").stat().st_size > 0
-    assert (tmp_path / "results" / "ablation.md").read_text().count("\n") == 2 + 2 + 3  # header, baselines, rows
+    grid_table = (tmp_path / "results" / "ablation.md").read_text().split("\n\n")[0]
+    assert len(grid_table.splitlines()) == 2 + 2 + 3  # header, baselines, rows
     base = agg["baselines"]
     assert base["random init ViT"]["n"] == 2 and base["raw pixels"]["n"] == 1
     pixels = json.loads((tmp_path / "runs/baselines/raw_pixels/seed=0/results.json").read_text())
