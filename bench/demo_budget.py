@@ -2,7 +2,7 @@
 on 2 ranks) with one setting changed, each probed as the demo probes (eval_linear_probe.py limit_train=20000 into
 <run>/eval). This script only reads finished runs; each run's config.yaml holds its full settings.
 
-    python bench/demo_budget.py runs/demo_k100 runs/demo_700 ...
+    python bench/demo_budget.py runs/demo runs/demo_k100 runs/demo_700 runs/demo_1050
 """
 import json
 import sys
@@ -19,7 +19,10 @@ OUT = Path(__file__).resolve().parent / "results" / "demo_budget.json"
 def collect(run: Path) -> dict:
     cfg = OmegaConf.load(run / "config.yaml")
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    res = json.loads((run / "eval" / "results.json").read_text())["results"][0]["metrics"]
+    probe = run / "eval" / "results.json"
+    if not probe.exists():  # `make demo`'s own run: its trained backbone is the first of its four evaluations
+        probe = run / "eval" / "backbone0" / "results.json"
+    res = json.loads(probe.read_text())["results"][0]["metrics"]
     return {"run": str(run), "labels_dir": cfg.data.labels_dir, "num_labels": cfg.data.num_labels,
             "total_steps": cfg.train.total_steps, "global_batch_size": cfg.train.global_batch_size,
             "lr": cfg.optim.lr, "final_loss": metrics[-1]["loss"],
