@@ -27,6 +27,9 @@ def collect(run: Path) -> dict:
             "total_steps": cfg.train.total_steps, "global_batch_size": cfg.train.global_batch_size,
             "lr": cfg.optim.lr, "final_loss": metrics[-1]["loss"],
             "median_images_per_s": sorted(m["images_per_s"] for m in metrics)[len(metrics) // 2],
+            # training time without start-up: each logged interval's samples over its measured throughput
+            "step_seconds": round(sum((m["samples_seen"] - p) / m["images_per_s"]
+                                      for m, p in zip(metrics, [0] + [m["samples_seen"] for m in metrics])), 1),
             "linear_probe_top1": round(100 * res["lp_acc1"], 2), "knn_top1": round(100 * res["knn_acc1"], 2)}
 
 
