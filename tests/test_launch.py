@@ -2,6 +2,7 @@
 torchrun with a c10d rendezvous, each with real processes that call mlcd.dist.init() and all-reduce over gloo."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -24,9 +25,11 @@ from mlcd import dist
 dist.init(timeout_minutes=1)
 t = torch.tensor([dist.rank() + 1.0])
 dist.all_reduce_sum(t)
-print("RESULT " + json.dumps({"rank": dist.rank(), "world": dist.world_size(), "local_rank": dist.local_rank(),
+line = "RESULT " + json.dumps({"rank": dist.rank(), "world": dist.world_size(), "local_rank": dist.local_rank(),
       "sum": t.item(), "RANK": os.environ.get("RANK"), "MASTER_ADDR": os.environ.get("MASTER_ADDR"),
-      "MASTER_PORT": os.environ.get("MASTER_PORT")}), flush=True)
+      "MASTER_PORT": os.environ.get("MASTER_PORT")}) + "\\n"
+os.write(1, line.encode())   # one write(2) under PIPE_BUF: workers sharing a pipe cannot interleave inside it
+
 dist.cleanup()
 """
 
@@ -53,7 +56,8 @@ def _results(procs, timeout=120):
     for p in procs:
         stdout, _ = p.communicate(timeout=timeout)
         assert p.returncode == 0, stdout[-3000:]
-        out += [json.loads(l[len("RESULT "):]) for l in stdout.splitlines() if l.startswith("RESULT ")]
+        # torchrun's workers share one pipe: a line may start mid-way through another worker's output
+        out += [json.loads(m) for m in re.findall(r"RESULT (\{[^{}]*\})", stdout)]
     return sorted(out, key=lambda r: r["rank"])
 
 
