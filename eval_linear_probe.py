@@ -1,4 +1,4 @@
-"""Linear probe + kNN of a frozen backbone on local datasets (CLIP's protocol). See configs/eval_linear_probe.yaml.
+"""Linear probe + kNN of a frozen backbone on local datasets (CLIP's protocol). See configs/eval/eval_linear_probe.yaml.
 
     python eval_linear_probe.py backbone.type=mlcd backbone.path=runs/demo datasets=[fashion_mnist]
 
@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from mlcd.eval import evaluate
 
 
-@hydra.main(config_path="configs", config_name="eval_linear_probe", version_base=None)
+@hydra.main(config_path="configs/eval", config_name="eval_linear_probe", version_base=None)
 def main(cfg: DictConfig):
     print(OmegaConf.to_yaml(cfg, resolve=True))
     c = OmegaConf.to_container(cfg, resolve=True)

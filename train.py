@@ -11,7 +11,7 @@ from mlcd.train.loop import train
 register_resolvers()
 
 
-@hydra.main(config_path="configs", config_name="train", version_base=None)
+@hydra.main(config_path="configs/train", config_name="train", version_base=None)
 def main(cfg):
     cfg.out_dir = job_out_dir(cfg)  # a multirun job: ${out_dir}/<its swept values> (mlcd/sweep.py)
     train(cfg)

@@ -48,7 +48,7 @@ PROBE_ATOL = 0.5          # GPU vs CPU linear-probe top-1, in points
 
 
 def _cfg(group: str, name: str):
-    return OmegaConf.load(ROOT / "configs" / group / f"{name}.yaml")
+    return OmegaConf.load(ROOT / "configs" / "train" / group / f"{name}.yaml")
 
 
 def _tiny_model_cfg():

@@ -47,8 +47,8 @@ from mlcd.partial_fc import PartialFC, budget  # noqa: E402
 from mlcd.train.optim import SparseRowAdamW  # noqa: E402
 from mlcd.train.step import train_step  # noqa: E402
 
-OPT = dict(lr=1e-3, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)  # configs/optim: the paper's AdamW
-CLIP = 1.0                                                            # configs/train.yaml train.clip_grad
+OPT = dict(lr=1e-3, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)  # configs/train/optim: the paper's AdamW
+CLIP = 1.0                                                            # configs/train/train.yaml train.clip_grad
 
 
 def _rss_mb() -> float:

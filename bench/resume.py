@@ -55,7 +55,7 @@ def worker_save(args) -> None:
     from omegaconf import OmegaConf
 
     dist.init()
-    model_cfg = OmegaConf.load(ROOT / "configs" / "model" / "vit_tiny.yaml")
+    model_cfg = OmegaConf.load(ROOT / "configs" / "train" / "model" / "vit_tiny.yaml")
     model = build_model(model_cfg)
     pfc = PartialFC(args.classes, args.dim, seed=0)
     center_opt = SparseRowAdamW(pfc.weight, lr=1e-3)

@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
     train_cfg = OmegaConf.load(run_dir / "config.yaml")
     backbones = {
         "MLCD-trained tiny ViT": ["backbone.type=mlcd", f"backbone.path={run_dir}"],
-        "same ViT, random init": ["backbone.type=random", f"backbone.model={REPO / 'configs/model' / (train_cfg.model.name + '.yaml')}",
+        "same ViT, random init": ["backbone.type=random", f"backbone.model={REPO / 'configs/train/model' / (train_cfg.model.name + '.yaml')}",
                                   f"backbone.seed={train_cfg.seed}"],
         "raw pixels": ["backbone.type=pixels"],
         f"CLIP features used for clustering ({cluster_cfg.extract.model}, "

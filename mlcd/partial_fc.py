@@ -286,7 +286,7 @@ class PartialFC(torch.nn.Module):
 
 
 def build_partial_fc(loss_cfg, num_classes: int, embed_dim: int, seed: int) -> PartialFC:
-    """From a configs/loss/*.yaml mapping."""
+    """From a configs/train/loss/*.yaml mapping."""
     get = loss_cfg.get
     return PartialFC(num_classes, embed_dim, kind=get("kind", "mlcd"), scale=get("scale", SCALE),
                      margin=get("margin", MARGIN), margin_type=get("margin_type", "arcface"),

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
 GIB = 2**30
 
 # name: (memory in bytes as nvidia-smi reports it, dense bf16 tensor-core peak FLOP/s from NVIDIA's data sheets)

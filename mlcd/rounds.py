@@ -50,7 +50,7 @@ def train_model_cfg(train_overrides) -> dict:
     """The model config train.py will build with these overrides (hydra compose: reads configs, runs nothing)."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(str(REPO / "configs"), version_base=None):
+    with initialize_config_dir(str(REPO / "configs" / "train"), version_base=None):
         cfg = compose("train", overrides=list(train_overrides))
     return OmegaConf.to_container(cfg.model, resolve=True)
 

@@ -27,7 +27,7 @@ def trained(tmp_path_factory):
     args = {**TINY, "data.source": "synthetic", "num_classes": 10, "train.total_steps": 2, "train.ckpt_every": 2,
             "train.global_batch_size": 8, "train.progress_bar": False, "logging.wandb.mode": "disabled",
             "out_dir": str(tmp / "run")}
-    with initialize_config_dir(str(ROOT / "configs"), version_base=None):
+    with initialize_config_dir(str(ROOT / "configs" / "train"), version_base=None):
         train(compose("train", overrides=[f"{k}={v}" for k, v in args.items()]))
     shards_from_fashion_mnist(tmp / "shards", "train", prefix="fm", max_per_shard=60, limit=120)
     return tmp

@@ -120,10 +120,10 @@ def test_laion_presets(name, model):
     assert (km.k, km.mode, km.max_points_per_centroid, km.refine_iters, km.refine_probe) == \
            (1000000, "two_level", 100, 10, 16)
     assert cfg.assign.topk == 8 and cfg.assign.method == "exact"
-    for train_preset in sorted((ROOT / "configs" / "experiment").glob("laion400m_*.yaml")):
+    for train_preset in sorted((ROOT / "configs" / "train" / "experiment").glob("laion400m_*.yaml")):
         data = OmegaConf.load(train_preset).get("data", {})
         if "train_shards" in data:
             assert cfg.shards == data.train_shards, train_preset
     if name == "laion400m_vitl14":  # the paper's labels: the ones the training presets read
-        train = OmegaConf.load(ROOT / "configs" / "experiment" / "laion400m_vitl14.yaml")
+        train = OmegaConf.load(ROOT / "configs" / "train" / "experiment" / "laion400m_vitl14.yaml")
         assert str(Path(cfg.out_dir) / "labels") == train.data.labels_dir

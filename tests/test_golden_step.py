@@ -33,7 +33,7 @@ def run_demo_steps(data_dir: Path, out_dir: Path) -> dict:
 
     shards, labels_dir = _write_dataset(data_dir)
     args = {**OVERRIDES, "data.train_shards": shards, "data.labels_dir": labels_dir, "out_dir": str(out_dir)}
-    with initialize_config_dir(str(ROOT / "configs"), version_base=None):
+    with initialize_config_dir(str(ROOT / "configs" / "train"), version_base=None):
         cfg = compose("train", overrides=[f"{k}='{v}'" if "{" in str(v) else f"{k}={v}" for k, v in args.items()])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -17,7 +17,7 @@ from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionC
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=14, intermediate_size=256,
             image_size=56)
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "model").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "train" / "model").glob("*.yaml"))
 ATOL = 1e-5
 
 

@@ -20,3 +20,22 @@ def test_no_test_environment_variables_under_mlcd():
     found = {(p.relative_to(ROOT).as_posix(), name) for p in (ROOT / "mlcd").rglob("*.py")
              for name in reads.findall(p.read_text()) if "TEST" in name}
     assert not found, found
+
+
+def test_each_entry_script_offers_only_its_own_config_groups():
+    """`python train.py --help` once listed cluster.py's groups, and `eval_linear_probe.py model=vit_b16` was accepted
+    and silently ignored: each script's hydra tree must hold only the groups it reads."""
+    import ast
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    want = {"train.py": {"data", "experiment", "loss", "model", "optim"}, "cluster.py": {"experiment"},
+            "eval_linear_probe.py": set()}
+    for script, groups in want.items():
+        tree = ast.parse((ROOT / script).read_text())
+        main = next(d for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) for d in n.decorator_list
+                    if isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "main")
+        config_path = next(k.value.value for k in main.keywords if k.arg == "config_path")
+        with initialize_config_dir(str(ROOT / config_path), version_base=None):
+            loader = GlobalHydra.instance().config_loader()
+            got = {g for g in loader.list_groups("") if g != "hydra"}
+        assert got == groups, (script, got)

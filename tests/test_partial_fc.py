@@ -245,7 +245,7 @@ def _check_reshard(states, C):
 
 def test_build_from_config():
     from omegaconf import OmegaConf
-    cfg = OmegaConf.load(ROOT / "configs/loss/mlcd.yaml")
+    cfg = OmegaConf.load(ROOT / "configs/train/loss/mlcd.yaml")
     pfc = build_partial_fc(cfg, 100, 8, seed=0)
     assert (pfc.kind, pfc.scale, pfc.margin, pfc.margin_type, pfc.sample_ratio) == ("mlcd", 64.0, 0.3, "arcface", 0.1)
     assert abs(pfc.weight.std().item() - 0.01) < 0.002

@@ -24,7 +24,7 @@ from mlcd import plan as planner
 from mlcd.plan import GIB, load_config, plan
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (ROOT / "configs" / "train" / "model").glob("*.yaml"))
 RECIPES = ("laion400m_vitb32", "laion400m_vitb16", "laion400m_vitl14", "laion400m_vitl14_336", "laion400m_vitbigg14")
 TOLERANCE = 0.15
 

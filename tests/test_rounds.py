@@ -139,7 +139,7 @@ def test_bad_init_checkpoint_fails_before_any_work(tmp_path):
     # a run of another model: the vit_tiny defaults (embed_dim 128, width 128) against the test's width-32 model
     other = tmp_path / "other" / "checkpoints" / "step-00000005"
     other.mkdir(parents=True)
-    model = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / "vit_tiny.yaml"))
+    model = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "train" / "model" / "vit_tiny.yaml"))
     (other / "manifest.json").write_text(json.dumps({"model": model}))
     with pytest.raises(SystemExit, match=r"step-00000005: model\.embed_dim is 128 there but 16 .*cannot initialise"):
         rounds.main([*_argv(tmp_path, "r"), f"rounds.init_from={tmp_path / 'other'}"])

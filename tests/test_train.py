@@ -187,7 +187,7 @@ def test_resume_at_other_world_size_reshards(dataset, reference_run, tmp_path, n
 def _compose(dataset, out_dir, **extra):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(str(ROOT / "configs"), version_base=None):
+    with initialize_config_dir(str(ROOT / "configs" / "train"), version_base=None):
         return compose("train", overrides=_overrides(dataset, out_dir, **extra))
 
 

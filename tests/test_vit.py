@@ -1,5 +1,5 @@
 """The ViT against a float64 reference written here from the spec (mlcd_method.md §5), RoPE2D properties,
-gradient checkpointing, input errors, and every configs/model/*.yaml (built on the meta device, with the
+gradient checkpointing, input errors, and every configs/train/model/*.yaml (built on the meta device, with the
 parameter counts of the released models)."""
 import math
 from pathlib import Path
@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from mlcd.models import build_model
 from mlcd.models.vit import apply_rope, rope2d_angles
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "model").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "train" / "model").glob("*.yaml"))
 SMALL = dict(image_size=28, patch_size=7, width=32, layers=2, heads=4, mlp_dim=64)
 
 

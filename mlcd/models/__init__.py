@@ -1,4 +1,4 @@
-"""Model zoo: one ViT class configured by data (configs/model/*.yaml), plus HF import/export (mlcd.models.hf)."""
+"""Model zoo: one ViT class configured by data (configs/train/model/*.yaml), plus HF import/export (mlcd.models.hf)."""
 from collections.abc import Mapping
 
 from omegaconf import DictConfig, OmegaConf

@@ -106,10 +106,10 @@ def _our_vit_forward(model, feature):
 
 
 def _model_cfg(cfg):
-    """A model config mapping, or the name of configs/model/<name>.yaml."""
+    """A model config mapping, or the name of configs/train/model/<name>.yaml."""
     from omegaconf import OmegaConf
     if isinstance(cfg, str):
-        path = Path(cfg) if cfg.endswith(".yaml") else REPO / "configs" / "model" / f"{cfg}.yaml"
+        path = Path(cfg) if cfg.endswith(".yaml") else REPO / "configs" / "train" / "model" / f"{cfg}.yaml"
         if not path.exists():
             raise FileNotFoundError(f"model config {path} not found")
         cfg = OmegaConf.load(path)
@@ -149,7 +149,7 @@ def _open_clip(cfg, feature):
 
 
 def build_backbone(cfg, feature: str = "pooled", grayscale: bool = False) -> Backbone:
-    """Backbone from a config mapping with `type` and the type's keys (configs/eval_linear_probe.yaml)."""
+    """Backbone from a config mapping with `type` and the type's keys (configs/eval/eval_linear_probe.yaml)."""
     cfg = dict(cfg)
     kind = cfg.get("type")
     if kind != "pixels" and feature not in FEATURES:
