@@ -227,6 +227,33 @@ def test_kmeans_and_exact_assign_stages(tmp_path):
     assert lman["complete"] and lman["num_classes"] == 48 and lman["rows"] == len(feats)
 
 
+def test_two_level_stage_keeps_the_float16_sample_and_equals_the_float32_run(tmp_path):
+    """Two-level k-means reads the float16 feature files without a float32 copy of the sample (half the RAM at
+    1M centers), and gives the centers the same run on a float32 copy gives: the sample is only converted
+    piecewise, to the same float32 values."""
+    from mlcd.cluster.files import sample_rows
+    urls, _ = _features(tmp_path)
+    stems = [Path(u).stem for u in urls]
+    settings = ["kmeans.k=64", "kmeans.mode=two_level", "kmeans.coarse_k=8", "kmeans.niter=8",
+                "kmeans.max_points_per_centroid=10", "kmeans.refine_iters=2", "kmeans.refine_probe=3"]
+    kmeans.run(_cfg(tmp_path, *settings), {}, stems)
+    rep = load_json(tmp_path / "kmeans_report.json")
+    assert rep["dtype"] == "float16" and rep["n"] == 640
+    x32 = sample_rows(tmp_path / "features", stems, 640, 1234, dtype=np.float32)
+    ref, ref_rep = train_kmeans(x32, 64, niter=8, seed=1234, mode="two_level", coarse_k=8, refine_iters=2,
+                                refine_probe=3, max_points_per_centroid=10, gpu=False)
+    assert ref_rep["dtype"] == "float32"
+    np.testing.assert_allclose(np.load(tmp_path / "centers.npy"), ref, atol=1e-6)
+    assert [it["obj"] for it in rep["refine_iterations"]] == pytest.approx([it["obj"] for it in ref_rep["refine_iterations"]])
+    # flat passes over all k read the whole sample at once: that stage samples float32
+    (tmp_path / "flat_refine").mkdir()
+    (tmp_path / "flat_refine" / "features").symlink_to(tmp_path / "features")
+    kmeans.run(_cfg(tmp_path / "flat_refine", *settings[:-1], "kmeans.refine_probe=0"), {}, stems)
+    assert load_json(tmp_path / "flat_refine" / "kmeans_report.json")["dtype"] == "float32"
+    with pytest.raises(ValueError, match="float16 or float32, got float64"):
+        train_kmeans(x32.astype(np.float64), 8, mode="two_level")
+
+
 # Deliberately lossy settings (IVF: 2 of 32 cells; HNSW: 8 candidates, 4 links), so a wrong recall would show.
 APPROX = {"ivf": ["assign.nlist=32", "assign.nprobe=2"],
           "hnsw": ["assign.hnsw_m=4", "assign.ef_search=8", "assign.ef_construction=8"]}

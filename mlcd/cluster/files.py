@@ -106,8 +106,9 @@ def read_features(features_dir, stem: str, mmap: bool = False):
     return keys, feats
 
 
-def sample_rows(features_dir, stems: list[str], m: int, seed: int) -> np.ndarray:
-    """`m` rows drawn uniformly without replacement over all shards, as float32 (all rows if m >= n)."""
+def sample_rows(features_dir, stems: list[str], m: int, seed: int, dtype=np.float32) -> np.ndarray:
+    """`m` rows drawn uniformly without replacement over all shards (all rows if m >= n), as `dtype` (None: the
+    files' own dtype)."""
     mms = [read_features(features_dir, s, mmap=True)[1] for s in stems]
     counts = np.array([len(a) for a in mms], dtype=np.int64)
     n = int(counts.sum())
@@ -115,7 +116,7 @@ def sample_rows(features_dir, stems: list[str], m: int, seed: int) -> np.ndarray
         raise ValueError(f"{features_dir}: the feature files hold no rows")
     d = mms[0].shape[1]
     idx = np.arange(n) if m >= n else np.sort(np.random.default_rng(seed).choice(n, m, replace=False))
-    out = np.empty((len(idx), d), np.float32)
+    out = np.empty((len(idx), d), dtype or mms[0].dtype)
     offsets = np.concatenate([[0], np.cumsum(counts)])
     for i, a in enumerate(mms):
         lo, hi = np.searchsorted(idx, offsets[i]), np.searchsorted(idx, offsets[i + 1])

@@ -9,6 +9,10 @@ looks at the centers of its `refine_probe` nearest coarse groups (its own and th
 borders): about refine_probe/coarse_k of a flat pass, 2*n*refine_probe*(K/coarse_k)*d FLOP (at K = 1M,
 1000 groups, refine_probe 16: 62x cheaper). `refine_probe=0` runs flat FAISS passes over all K instead.
 
+Memory: flat k-means hands FAISS the whole sample as float32. Two-level keeps the sample in the dtype it was
+given (float16, as the feature files store it, halves the RAM of a 1M-center run: 100M x 768 is 154 GB instead of
+307 GB) and converts to float32 only what one FAISS call or one refinement chunk reads.
+
 Empty clusters: FAISS re-seeds them by splitting a large cluster (`nsplit` in the stats); the final
 sizes on the training sample are reported, so any cluster left empty is visible.
 """
@@ -49,11 +53,11 @@ def to_gpu(index, device):
     return gpu_index
 
 
-def search(index, x: np.ndarray, k: int, chunk_size: int = 65536):
-    """Top-k by inner product in query chunks (bounded memory); returns (sims f32 [n,k], ids int64 [n,k])."""
+def search(index, x: np.ndarray, k: int, chunk_size: int = 65536, ids_dtype=np.int64):
+    """Top-k by inner product in query chunks (bounded memory); returns (sims f32 [n,k], ids [n,k] as `ids_dtype`)."""
     n = x.shape[0]
     sims = np.empty((n, k), np.float32)
-    ids = np.empty((n, k), np.int64)
+    ids = np.empty((n, k), ids_dtype)
     for s in range(0, n, chunk_size):
         q = np.ascontiguousarray(x[s:s + chunk_size], dtype=np.float32)
         sims[s:s + len(q)], ids[s:s + len(q)] = index.search(q, k)
@@ -137,19 +141,22 @@ def train_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, mode:
                  coarse_k: int | None = None, refine_iters: int = 0, refine_probe: int = 16,
                  max_points_per_centroid: int = 256, min_points_per_centroid: int = 1, gpu="auto",
                  progress: bool = False):
-    """Spherical k-means of float32 rows `x` [n, d] (L2-normalised) into `k` unit centers.
+    """Spherical k-means of rows `x` [n, d] (L2-normalised; float32, or float16 for two-level) into `k` unit centers.
 
     Returns (centers float32 [k, d], report dict). `report["iterations"]` holds per-iteration
     `obj` (sum of best cosines over the training sample FAISS used), `mean_cos`, `time_s`,
     `nsplit` (empty clusters re-seeded) for the flat run, or per level for two-level.
     """
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.dtype not in (np.float16, np.float32):
+        raise ValueError(f"k-means: features must be float16 or float32, got {x.dtype}")
+    if mode != "two_level":
+        x = np.ascontiguousarray(x, dtype=np.float32)  # FAISS's Clustering reads one float32 array
     n, d = x.shape
     if n < k:
         raise ValueError(f"k-means: {n} points cannot make k={k} centers")
     gpu = use_gpu(gpu)
     t0 = time.time()
-    rep = {"mode": mode, "k": k, "n": n, "d": d, "niter": niter, "seed": seed, "gpu": gpu,
+    rep = {"mode": mode, "k": k, "n": n, "d": d, "dtype": str(x.dtype), "niter": niter, "seed": seed, "gpu": gpu,
            "max_points_per_centroid": max_points_per_centroid}
     if mode == "flat":
         centers, stats = _faiss_kmeans(x, k, niter, seed, max_points_per_centroid, min_points_per_centroid, gpu)
@@ -163,7 +170,7 @@ def train_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, mode:
             centers, rep["refine_iterations"] = _local_refine(x, centers, coarse, owner, refine_probe,
                                                               refine_iters, gpu, progress, seed)
         elif refine_iters > 0:
-            centers, stats = _faiss_kmeans(x, k, refine_iters, seed, max_points_per_centroid,
+            centers, stats = _faiss_kmeans(_f32(x), k, refine_iters, seed, max_points_per_centroid,
                                            min_points_per_centroid, gpu, init=centers)
             rep["refine_iterations"] = _with_mean(stats, min(n, k * max_points_per_centroid))
         rep["refine_probe"] = int(refine_probe)
@@ -171,6 +178,10 @@ def train_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, mode:
         raise ValueError(f"kmeans.mode must be one of {list(MODES)}, got {mode!r}")
     rep["train_s"] = time.time() - t0
     return _normalize(centers).astype(np.float32), rep
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _with_mean(stats, n_used):
@@ -185,9 +196,12 @@ def _two_level(x, k, niter, seed, coarse_k, max_ppc, min_ppc, gpu, rep, progress
     # The coarse level trains on up to COARSE_MAX_POINTS_PER_CENTROID points per group (FAISS contrib's choice): its
     # sqrt(k) centroids are cheap, and a coarse partition trained on 256 per centroid cost the final objective 7%
     # (bench/cluster.py section d, isotropic data).
+    # We draw that sample ourselves, so that only it is converted to float32.
     coarse_ppc = max(max_ppc, COARSE_MAX_POINTS_PER_CENTROID)
-    coarse, stats = _faiss_kmeans(x, coarse_k, niter, seed, coarse_ppc, min_ppc, gpu)
-    rep["coarse"] = {"k": coarse_k, "iterations": _with_mean(stats, min(n, coarse_k * coarse_ppc))}
+    m = min(n, coarse_k * coarse_ppc)
+    pick = np.arange(n) if m == n else np.sort(np.random.default_rng(seed).choice(n, m, replace=False))
+    coarse, stats = _faiss_kmeans(_f32(x[pick]), coarse_k, niter, seed, coarse_ppc, min_ppc, gpu)
+    rep["coarse"] = {"k": coarse_k, "iterations": _with_mean(stats, m)}
     _, group = search(_index_with(coarse, gpu), x, 1)
     group = group[:, 0]
     sizes = np.bincount(group, minlength=coarse_k)
@@ -206,7 +220,7 @@ def _two_level(x, k, niter, seed, coarse_k, max_ppc, min_ppc, gpu, rep, progress
         kg = int(alloc[g])
         if kg == 0:
             continue
-        xg = x[order[bounds[g]:bounds[g + 1]]]
+        xg = _f32(x[order[bounds[g]:bounds[g + 1]]])
         if kg == len(xg):  # as many centers as points: the points are the centers
             out.append(xg)
         elif kg == 1:
@@ -219,7 +233,7 @@ def _two_level(x, k, niter, seed, coarse_k, max_ppc, min_ppc, gpu, rep, progress
     return _normalize(np.concatenate(out)).astype(np.float32), coarse, owner
 
 
-def _local_refine(x, centers, coarse, owner, probe, iters, gpu, progress, seed: int):
+def _local_refine(x, centers, coarse, owner, probe, iters, gpu, progress, seed: int, chunk: int = 65536):
     """Lloyd passes where each point competes only for the centers of its `probe` nearest coarse groups.
 
     The point -> groups lists are fixed once (from the coarse centers); every pass assigns each point to
@@ -235,10 +249,16 @@ def _local_refine(x, centers, coarse, owner, probe, iters, gpu, progress, seed: 
     n, d = x.shape
     g_count = len(coarse)
     probe = min(int(probe), g_count)
-    _, near = search(_index_with(coarse, gpu), x, probe)          # [n, probe] coarse groups per point
+    # The candidate lists: for each coarse group, the points that probe it. int32 ids, and the int64 temporaries
+    # freed once built: at 100M points x probe 16 they are 6.4 GB held instead of 38 GB.
+    _, near = search(_index_with(coarse, gpu), x, probe, ids_dtype=np.int32)   # [n, probe] coarse groups per point
+    splits = np.cumsum(np.bincount(near.ravel(), minlength=g_count))[:-1]
     by_group = np.argsort(near.ravel(), kind="stable")
-    point_lists = np.split(by_group // probe, np.cumsum(np.bincount(near.ravel(), minlength=g_count))[:-1])
-    point_lists = [torch.from_numpy(p) for p in point_lists]
+    del near
+    by_group //= probe
+    point_ids = by_group.astype(np.int32)
+    del by_group
+    point_lists = [torch.from_numpy(p) for p in np.split(point_ids, splits)]
     owner = np.asarray(owner).copy()
     rng = np.random.default_rng(seed)
     split_sign = torch.from_numpy(np.where(np.arange(d) % 2 == 0, 1.0, -1.0).astype(np.float32)) / 1024
@@ -260,12 +280,14 @@ def _local_refine(x, centers, coarse, owner, probe, iters, gpu, progress, seed: 
             pts = point_lists[g]
             if len(ids) == 0 or len(pts) == 0:
                 continue
-            val, arg = (xt[pts].to(dev) @ c[ids].to(dev).T).max(1)
+            val, arg = (xt[pts].to(dev, torch.float32) @ c[ids].to(dev).T).max(1)
             val, arg = val.cpu(), arg.cpu()
             win = val > best[pts]
             best[pts[win]] = val[win]
             best_id[pts[win]] = ids[arg[win]]
-        sums = torch.zeros_like(c).index_add_(0, best_id, xt)
+        sums = torch.zeros_like(c)
+        for s in range(0, n, chunk):                              # float32 one chunk at a time
+            sums.index_add_(0, best_id[s:s + chunk], xt[s:s + chunk].float())
         counts = torch.bincount(best_id, minlength=len(c)).numpy().astype(np.float64)
         moved = counts > 0
         c[moved] = torch.nn.functional.normalize(sums[moved], dim=1)
@@ -335,9 +357,13 @@ def run(cfg, cfg_dict: dict, stems: list[str]) -> None:
         return
     k, mppc = int(kc.k), int(kc.max_points_per_centroid)
     t0 = time.time()
-    x = sample_rows(out / "features", stems, k * mppc, int(kc.seed))
+    # Two-level reads its sample piecewise, so it stays in the files' dtype (float16: half the RAM); the FAISS
+    # calls that read the whole sample at once (flat, or flat refinement passes) need one float32 array.
+    whole_f32 = kc.mode != "two_level" or (int(kc.refine_iters) > 0 and int(kc.refine_probe) == 0)
+    x = sample_rows(out / "features", stems, k * mppc, int(kc.seed), dtype=np.float32 if whole_f32 else None)
     load_s = time.time() - t0
-    print(f"kmeans: {len(x)} of {fman['rows']} feature rows (d={x.shape[1]}) -> k={k}, mode={kc.mode}")
+    print(f"kmeans: {len(x)} of {fman['rows']} feature rows (d={x.shape[1]}, {x.dtype}, {x.nbytes / 2**30:.2f} GiB) "
+          f"-> k={k}, mode={kc.mode}")
     centers, rep = train_kmeans(x, k, niter=int(kc.niter), seed=int(kc.seed), mode=kc.mode, coarse_k=kc.coarse_k,
                                 refine_iters=int(kc.refine_iters), refine_probe=int(kc.refine_probe),
                                 max_points_per_centroid=mppc,
