@@ -199,8 +199,9 @@ def _two_level(x, k, niter, seed, coarse_k, max_ppc, min_ppc, gpu, rep, progress
     # We draw that sample ourselves, so that only it is converted to float32.
     coarse_ppc = max(max_ppc, COARSE_MAX_POINTS_PER_CENTROID)
     m = min(n, coarse_k * coarse_ppc)
-    pick = np.arange(n) if m == n else np.sort(np.random.default_rng(seed).choice(n, m, replace=False))
-    coarse, stats = _faiss_kmeans(_f32(x[pick]), coarse_k, niter, seed, coarse_ppc, min_ppc, gpu)
+    xc = x if m == n else x[np.sort(np.random.default_rng(seed).choice(n, m, replace=False))]
+    coarse, stats = _faiss_kmeans(_f32(xc), coarse_k, niter, seed, coarse_ppc, min_ppc, gpu)
+    del xc
     rep["coarse"] = {"k": coarse_k, "iterations": _with_mean(stats, m)}
     _, group = search(_index_with(coarse, gpu), x, 1)
     group = group[:, 0]
