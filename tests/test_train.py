@@ -81,7 +81,10 @@ def _torchrun(nproc, overrides, timeout=240, wait=True, step_delay=0.0, **env_ex
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    # every rank's last words: the root cause of a crash is one rank's stderr, often far above the survivors' tracebacks
+    assert proc.returncode == 0, proc.stdout[-3000:] + "".join(
+        line + "\n" for line in proc.stderr.splitlines() if re.search(r"terminate|enforce|Fatal|Error|rank \d", line)
+    )[-6000:] + proc.stderr[-8000:]
     return proc
 
 
