@@ -7,6 +7,9 @@ import datetime
 import hashlib
 import os
 import re
+import sys
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -102,6 +105,8 @@ def init(timeout_minutes: float = 30.0) -> torch.device:
         os.environ.update(RANK=str(env["rank"]), WORLD_SIZE=str(env["world_size"]),
                           LOCAL_RANK=str(env["local_rank"]), MASTER_ADDR=env["master_addr"],
                           MASTER_PORT=str(env["master_port"]))
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker
+        exit_with_launcher()
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda", env["local_rank"]) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -113,6 +118,29 @@ def init(timeout_minutes: float = 30.0) -> torch.device:
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
     return device
+
+
+_launcher_watch: threading.Thread | None = None
+
+
+def exit_with_launcher(poll_s: float = 1.0) -> None:
+    """End this process when its launcher dies. torchrun starts each worker in a session of its own, so a
+    SIGKILLed torchrun (kill -9, an OOM kill) leaves its workers training on, orphaned, into the run directory
+    that a re-run resumes into. A daemon thread checks the parent every `poll_s` seconds; a checkpoint cut short
+    stays a `.tmp-*` directory, which is never read back."""
+    global _launcher_watch
+    if _launcher_watch is not None:
+        return
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        print(f"mlcd: launcher (pid {parent}) is gone: worker {os.getpid()} exits", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    _launcher_watch = threading.Thread(target=watch, name="exit-with-launcher", daemon=True)
+    _launcher_watch.start()
 
 
 def barrier() -> None:

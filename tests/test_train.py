@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -153,6 +154,29 @@ def test_kill9_then_resume_is_bitwise_exact(dataset, reference_run, tmp_path):
     # metrics.jsonl has each step once even though steps after the checkpoint ran twice
     steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(2, 13, 2))
+
+
+def test_workers_exit_when_torchrun_is_killed(tmp_path):
+    """kill -9 of torchrun alone (its workers live in sessions of their own) must not leave them training on into
+    the run directory that a re-run resumes into."""
+    out = tmp_path / "run"
+    proc = _torchrun(2, [f"{k}={v}" for k, v in {**_SYNTHETIC, "out_dir": str(out), "train.total_steps": 100000,
+                                                 "train.ckpt_every": 100000}.items()], wait=False)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists():  # the workers are past start-up and training
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-3000:]
+        time.sleep(0.1)
+    workers = subprocess.run(["pgrep", "-f", f"python -u .*train.py .*out_dir={out}"], capture_output=True,
+                             text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(proc.pid, signal.SIGKILL)  # torchrun only
+    proc.wait()
+    deadline = time.time() + 30
+    while subprocess.run(["pgrep", "-f", f"out_dir={out}"], capture_output=True).returncode == 0:
+        if time.time() > deadline:
+            subprocess.run(["pkill", "-9", "-f", f"out_dir={out}"])
+            pytest.fail("torchrun's workers kept running 30 s after it was killed")
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("new_world", [1, 3])
