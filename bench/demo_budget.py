@@ -1,5 +1,5 @@
-"""Collect the demo-budget checks into bench/results/demo_budget.json: runs of the demo's training (350 x 256
-on 2 ranks) with the step count, the seed or the labels changed, each probed as the demo probes
+"""Collect the demo-budget checks into bench/results/demo_budget.json: runs of the demo's training (1,050 x 256
+on 2 ranks by default) with the step count, the seed or the labels changed, each probed as the demo probes
 (eval_linear_probe.py limit_train=20000 into <run>/eval). This script only reads finished runs; each run's config.yaml
 holds its full settings. Runs are summarised per (centers, steps) over seeds, beside the demo's baselines (raw pixels,
 the clustering features, the random-init ViT) read from `make demo`'s own run.

@@ -82,11 +82,15 @@ def _torchrun(nproc, overrides, timeout=240, wait=True, step_delay=0.0, **env_ex
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    # every rank's last words: the root cause of a crash is one rank's stderr, often far above the survivors' tracebacks
-    assert proc.returncode == 0, proc.stdout[-3000:] + "".join(
-        line + "\n" for line in proc.stderr.splitlines() if re.search(r"terminate|enforce|Fatal|Error|rank \d", line)
-    )[-6000:] + proc.stderr[-8000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + _error_lines(proc.stderr)[-6000:] + proc.stderr[-8000:]
     return proc
+
+
+def _error_lines(stderr: str) -> str:
+    """Every rank's error lines: a crash's root cause is one rank's message, often far above the survivors'
+    tracebacks, out of reach of a tail."""
+    wanted = re.compile(r"terminate|enforce|Fatal|Error|rank \d")
+    return "".join(line + "\n" for line in stderr.splitlines() if wanted.search(line))
 
 
 def _final_state(run_dir: Path, step: int):
