@@ -91,7 +91,7 @@ def train_and_eval(a, s: dict, seed: int, shards: str, extra=()) -> dict:
               "train_seconds": round(t1 - t0, 1), "eval_seconds": round(time.time() - t1, 1)}
     fileio.write_json(done, result)
     Path(a.results_dir).mkdir(parents=True, exist_ok=True)
-    fileio.write_json(Path(a.results_dir) / "ablation_runs.json", {**load_ledger(a), f"{run_name(s)}/seed={seed}": result})
+    fileio.write_json(Path(a.results_dir) / f"{a.name}_runs.json", {**load_ledger(a), f"{run_name(s)}/seed={seed}": result})
     print(f"  {run_name(s)} seed {seed}: probe {lp:.2f}  kNN {knn:.2f}  ({result['train_seconds']:.0f} s + "
           f"{result['eval_seconds']:.0f} s)", flush=True)
     return result
@@ -100,7 +100,7 @@ def train_and_eval(a, s: dict, seed: int, shards: str, extra=()) -> dict:
 def load_ledger(a) -> dict:
     """{run name/seed=S: result} of every finished run, committed beside ablation.json, so the grid resumes in a
     fresh checkout (where runs/ is empty) without training again what was already measured."""
-    path = Path(a.results_dir) / "ablation_runs.json"
+    path = Path(a.results_dir) / f"{a.name}_runs.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -189,7 +189,7 @@ def report(a, best: dict, tried: dict | None = None) -> dict:
     for p in Path(a.run_dir).glob("k*/*/seed=*/result.json"):
         ledger[p.parent.relative_to(a.run_dir).as_posix()] = json.loads(p.read_text())
     Path(a.results_dir).mkdir(parents=True, exist_ok=True)
-    fileio.write_json(Path(a.results_dir) / "ablation_runs.json", ledger)
+    fileio.write_json(Path(a.results_dir) / f"{a.name}_runs.json", ledger)
     groups = {}
     for group, row in grid_rows(a):
         s = setting(a, row, best)
@@ -206,10 +206,10 @@ def report(a, best: dict, tried: dict | None = None) -> dict:
            "complete": all(g["n"] == len(a.seeds) for rows in groups.values() for g in rows)}
     results = Path(a.results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    fileio.write_json(results / "ablation.json", out)
-    plot(groups, base, results / "ablation.png")
+    fileio.write_json(results / f"{a.name}.json", out)
+    plot(groups, base, results / f"{a.name}.png")
     text = markdown(groups, base) + "\n\n" + directions_markdown(out["paper_directions"]) + "\n"
-    fileio.write_text(results / "ablation.md", text)
+    fileio.write_text(results / f"{a.name}.md", text)
     print(text, flush=True)
     return out
 
