@@ -2,6 +2,7 @@
 
     python -m mlcd.ablate [ablate.key=value ...]        (settings: configs/ablate.yaml)
     python -m mlcd.ablate ablate.report_only=true       (aggregate what has finished)
+    python -m mlcd.ablate --help                        (this, and the default settings)
 
 Phases, each skipping finished work, so the command can be killed and re-run at any point:
   1. data: the demo's shards; one clustering per number of centers k (top-16 labels on disk)
@@ -23,7 +24,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from mlcd import fileio
-from mlcd.stages import REPO, run_stage
+from mlcd.stages import REPO, load_runner_config, run_stage
 
 CONFIG = REPO / "configs" / "ablate.yaml"
 KIND_LOSS = {"mlcd": "mlcd", "mlc": "mlc", "single": "single_label", "per_slot": "per_slot"}
@@ -343,7 +344,7 @@ def plot(groups: dict, base: dict, png: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    cfg = OmegaConf.merge(OmegaConf.load(CONFIG), OmegaConf.from_dotlist(list(argv if argv is not None else sys.argv[1:])))
+    cfg = load_runner_config(CONFIG, argv, __doc__)  # ablate.groups too: the report knows only its groups
     a = cfg.ablate
     tuning_file = Path(a.run_dir) / "tuning.json"
     if a.report_only:  # what has finished, tuning included (a kind counts as tuned once all its tries are done)

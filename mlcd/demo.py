@@ -1,6 +1,7 @@
 """`make demo`: the whole MLCD pipeline on real Fashion-MNIST on a laptop-class CPU.
 
     python -m mlcd.demo [demo.key=value ...]      (settings: configs/demo.yaml)
+    python -m mlcd.demo --help                    (this, and the default settings)
 
 Each stage runs as the exact command line it prints, so any stage can be re-run (or changed) by hand:
 shards -> cluster.py -> torchrun train.py -> eval_linear_probe.py (4 backbones) -> table + plots.
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mlcd.stages import REPO, run_stage, show
+from mlcd.stages import REPO, load_runner_config, run_stage, show
 
 CONFIG = REPO / "configs" / "demo.yaml"
 
@@ -30,7 +31,7 @@ def shard_pattern(shard_dir: Path, prefix: str) -> str:
 
 
 def main(argv=None) -> dict:
-    cfg = OmegaConf.merge(OmegaConf.load(CONFIG), OmegaConf.from_dotlist(list(argv if argv is not None else sys.argv[1:])))
+    cfg = load_runner_config(CONFIG, argv, __doc__)
     d = cfg.demo
     py = sys.executable
     data_dir, run_dir = Path(d.data_dir), Path(d.run_dir)

@@ -1,6 +1,7 @@
 """Self-training rounds, DeepCluster-style: cluster -> train -> cluster with the new encoder -> train ...
 
     python -m mlcd.rounds [rounds.key=value ...]        (settings: configs/rounds.yaml)
+    python -m mlcd.rounds --help                        (this, and the default settings)
 
 Round 0 clusters the demo's shards with the teacher (cluster.py's open_clip settings); round i >= 1 clusters them
 with round i-1's final checkpoint (`extract.backbone={type: mlcd, path: <checkpoint>}`), and trains from that
@@ -30,7 +31,7 @@ from omegaconf import OmegaConf
 from mlcd import fileio
 from mlcd.ablate import probe_scores
 from mlcd.data.labels import read_shard_labels
-from mlcd.stages import REPO, load_marker, run_once, run_stage
+from mlcd.stages import REPO, load_marker, load_runner_config, run_once, run_stage
 
 CONFIG = REPO / "configs" / "rounds.yaml"
 STAGES = ("cluster", "train", "eval")
@@ -287,8 +288,7 @@ def plot(rows: list, base: dict, png: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    argv = list(argv if argv is not None else sys.argv[1:])
-    cfg = OmegaConf.merge(OmegaConf.load(CONFIG), OmegaConf.from_dotlist(argv))
+    cfg = load_runner_config(CONFIG, argv, __doc__)
     r = cfg.rounds
     r.root, r.shards_dir = str(Path(r.root).resolve()), str(Path(r.shards_dir).resolve())
     if r.init_from:

@@ -1,14 +1,93 @@
 """Running a pipeline stage as the command line a user could paste: what `make demo`, `make ablate` and
-`make rounds` (mlcd.demo, mlcd.ablate, mlcd.rounds) are made of."""
+`make rounds` (mlcd.demo, mlcd.ablate, mlcd.rounds) are made of, and how those runners read their command line
+(`load_runner_config`)."""
+import difflib
 import json
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from mlcd import fileio
 
 REPO = Path(__file__).resolve().parents[1]
+HELP = ("--help", "-h")
+
+
+def load_runner_config(config_path: Path, argv: list[str] | None, usage: str) -> DictConfig:
+    """A runner's settings: the YAML at `config_path` with the `key=value` overrides of `argv` (sys.argv[1:] when
+    None) merged in, before any work is done.
+    --help / -h anywhere: prints `usage` (the runner's docstring) and the default settings, and exits 0.
+    Refused (SystemExit naming the argument, exit 1): an argument that is not key=value; a key that is not in the
+    config (the message lists the keys of its section, the config being struct); a key below a value or a list
+    (`demo.limit.x=1`, `ablate.seeds.0=1`: give the whole value); a section set to a non-mapping (`demo=5`); a value
+    that does not parse."""
+    config_path = Path(config_path)
+    who = config_path.stem
+    argv = list(sys.argv[1:] if argv is None else argv)
+    defaults = OmegaConf.load(config_path)
+    shown = config_path.relative_to(REPO) if config_path.is_relative_to(REPO) else config_path
+    if any(a in HELP for a in argv):
+        print(f"{usage.strip()}\n\nSettings (the defaults, from {shown}, where each is explained; override any as "
+              f"key=value):\n\n{OmegaConf.to_yaml(defaults, resolve=True)}", end="")
+        raise SystemExit(0)
+    tree = OmegaConf.to_container(defaults)
+    see = f"(see python -m mlcd.{who} --help)"
+    overrides = []
+    for arg in argv:
+        key, eq, _ = arg.partition("=")
+        if not eq or not key or "" in key.split("."):
+            raise SystemExit(f"{who}: {arg!r} is not a key=value override {see}")
+        try:
+            one = OmegaConf.from_dotlist([arg])
+            value = OmegaConf.select(one, key)
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
+            raise SystemExit(f"{who}: {arg!r} does not parse: {' '.join(str(e).split())}") from None
+        _check_key(tree, key, value, arg, who, see)
+        overrides.append((arg, one))
+    OmegaConf.set_struct(defaults, True)  # a key not in the config is an error, not a new setting
+    cfg = defaults
+    for arg, one in overrides:  # one at a time, so an error names its argument
+        try:
+            cfg = OmegaConf.merge(cfg, one)
+        except OmegaConfBaseException as e:  # e.g. a mapping value with a key not in the config: ablate.base={kk: 1}
+            full = getattr(e, "full_key", "") or ""
+            section = full.rpartition(".")[0]
+            node = OmegaConf.select(defaults, section) if section else defaults
+            if isinstance(node, DictConfig) and full:
+                raise SystemExit(_unknown(who, full, arg, section, list(node), see)) from None
+            raise SystemExit(f"{who}: {arg!r}: {' '.join(str(e).split())} {see}") from None
+    OmegaConf.set_struct(cfg, False)  # the runners' own code reads the settings as before
+    return cfg
+
+
+def _unknown(who, key, arg, section, valid, see) -> str:
+    close = difflib.get_close_matches(key.rpartition(".")[2], [str(k) for k in valid], n=1)
+    hint = f" (did you mean {'.'.join(filter(None, (section, close[0])))}?)" if close else ""
+    where = f"The keys of {section}" if section else "The top-level keys"
+    return f"{who}: unknown setting {key!r} in {arg!r}{hint}. {where} are: {', '.join(map(str, valid))} {see}"
+
+
+def _check_key(tree, key: str, value, arg: str, who: str, see: str) -> None:
+    """`key` names a setting of the config `tree` (plain containers); a section is given a mapping."""
+    node, path = tree, []
+    for part in key.split("."):
+        here = ".".join(path)
+        if not isinstance(node, dict):
+            kind = "a list" if isinstance(node, list) else "a value"
+            raise SystemExit(f"{who}: {arg!r}: {here} is {kind}, not a section: set it whole, {here}=... {see}")
+        if part not in node:
+            raise SystemExit(_unknown(who, key, arg, here, list(node), see))
+        node = node[part]
+        path.append(part)
+    if isinstance(node, dict) and not isinstance(value, DictConfig):
+        raise SystemExit(f"{who}: {arg!r}: {key} is a section (keys: {', '.join(map(str, node))}): set its keys "
+                         f"({key}.KEY=value) or give a mapping ({key}={{KEY: value}}) {see}")
 
 
 def show(cmd: list[str]) -> str:

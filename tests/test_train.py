@@ -529,3 +529,35 @@ def test_fsdp_trains_like_ddp_and_their_checkpoints_resume_under_each_other(tmp_
         want = fsdp if then == "fsdp" else ddp
         _assert_same_run((resumed[0][-3:], resumed[1][-3:], *resumed[2:]), (want[0][-3:], want[1][-3:], *want[2:]),
                          f"{first} -> {then}")
+
+
+def test_num_classes_must_agree_with_the_labels_manifest(dataset, tmp_path):
+    """num_classes=50 over labels of 23 centers would train 27 centers that are never a positive: refused."""
+    with pytest.raises(ValueError, match=r"num_classes=50 but .*manifest.json says the labels index 23 centers"):
+        _run_inprocess(_compose(dataset, tmp_path / "run", num_classes=50))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_shard_without_label_file_is_refused_before_step_0(dataset, tmp_path):
+    """A missing label file would crash a worker at whatever step first reads that shard; it fails at start."""
+    import shutil
+    shards, labels_dir = dataset
+    labels = tmp_path / "labels"
+    shutil.copytree(labels_dir, labels)
+    (labels / "train-000002.labels.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 of 4 training shards have no label file .*'train-000002'"):
+        _run_inprocess(_compose((shards, str(labels)), tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("bad", [{"optim.lr": -1}, {"train.init_from": "/nonexistent"}])
+def test_a_failed_start_does_not_refuse_the_corrected_command(dataset, tmp_path, bad):
+    """A run that failed before its first checkpoint has no step to lose: the corrected command starts it."""
+    out, common = tmp_path / "run", {"train.total_steps": 2, "train.ckpt_every": 2}
+    with pytest.raises(Exception):
+        _run_inprocess(_compose(dataset, out, **common, **bad))
+    assert not list((out / "checkpoints").glob("step-*"))
+    _run_inprocess(_compose(dataset, out, **common))
+    assert (out / "checkpoints" / "step-00000002").exists()
+    fingerprint = json.loads((out / "fingerprint.json").read_text())
+    assert fingerprint["optim.lr"] == 2e-3  # the run's settings now, guarding its resume

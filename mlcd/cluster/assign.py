@@ -109,7 +109,7 @@ def run(cfg, cfg_dict: dict, urls: list[str], device_id=None) -> None:
     if dist.is_main():
         labels_dir.mkdir(parents=True, exist_ok=True)
         old = load_json(man_path)
-        if old:
+        if old and any(has_shard_labels(labels_dir, s) for s in stems):  # a failed start blocks nothing
             check_same(man_path, old.get("settings", {}), settings, "labels")
         if not old.get("complete"):
             fileio.write_json(man_path, {**old, "settings": settings, "complete": False, "config": cfg_dict})

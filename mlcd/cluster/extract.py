@@ -162,7 +162,7 @@ def run(cfg, cfg_dict: dict, urls: list[str], device) -> None:
     if dist.is_main():
         fdir.mkdir(parents=True, exist_ok=True)
         old = load_json(man_path)
-        if old:
+        if old and any(has_features(fdir, s) for s in stems):  # a start that failed before any shard blocks nothing
             check_same(man_path, old.get("settings", {}), settings, "features")
         fileio.write_json(man_path, {**old, "settings": settings, "complete": False, "config": cfg_dict,
                              "versions": versions()})

@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mlcd import dist, fileio
-from mlcd.data.labels import label_width, shard_stem
+from mlcd.data.labels import label_width, missing_shard_labels, shard_stem
 from mlcd.data.loader import expand_urls, make_train_loader
 from mlcd.dist import derive_seed
 from mlcd.models import build_model
@@ -36,28 +36,50 @@ PRECISIONS = ("auto", "fp32", "bf16")
 WANDB_MODES = ("online", "offline", "disabled")
 
 
-def resolve_num_classes(cfg) -> int:
-    """The class count: from the config, else from the labels' manifest written by cluster.py."""
-    if cfg.num_classes:
-        return int(cfg.num_classes)
-    manifest = Path(cfg.data.labels_dir) / "manifest.json"
+def labels_manifest_classes(labels_dir) -> tuple[Path, int | None]:
+    """(manifest path, its class count or None when there is no manifest) of cluster.py's labels directory."""
+    manifest = Path(labels_dir) / "manifest.json"
     if not manifest.exists():
-        raise ValueError(f"num_classes is not set and {manifest} does not exist: run cluster.py first "
-                         "(or `make demo`), or set num_classes=... and data.labels_dir=...")
+        return manifest, None
     info = json.loads(manifest.read_text())
     for key in ("num_classes", "k", "num_centers"):
         if key in info:
-            return int(info[key])
-    raise ValueError(f"{manifest}: no num_classes field; set num_classes=... on the command line")
+            return manifest, int(info[key])
+    raise ValueError(f"{manifest}: no num_classes field (is it cluster.py's labels manifest?)")
 
 
-def check_num_labels(data_cfg) -> None:
-    """data.num_labels (l) must not exceed the labels per image on disk (read from the first shard's label file)."""
+def resolve_num_classes(cfg) -> int:
+    """The class count: the labels' manifest (written by cluster.py) wherever it exists, and num_classes must agree
+    with it: 5000 centers over labels of 1000 would train 4000 centers that are never a positive."""
+    from_manifest = None
+    if cfg.data.source == "shards" and cfg.data.labels_dir:
+        manifest, from_manifest = labels_manifest_classes(cfg.data.labels_dir)
+    if cfg.num_classes:
+        if from_manifest is not None and int(cfg.num_classes) != from_manifest:
+            raise ValueError(f"num_classes={cfg.num_classes} but {manifest} says the labels index {from_manifest:,} "
+                             f"centers: set num_classes={from_manifest} (or null to read it), or point "
+                             "data.labels_dir at the clustering you mean")
+        return int(cfg.num_classes)
+    if from_manifest is None:
+        raise ValueError(f"num_classes is not set and there is no labels manifest "
+                         f"(data.labels_dir={cfg.data.labels_dir}): run cluster.py first (or `make demo`), or set "
+                         "num_classes=... and data.labels_dir=...")
+    return from_manifest
+
+
+def check_labels(data_cfg) -> None:
+    """Before step 0: every training shard has its label file (a missing one would otherwise crash a worker at
+    whatever step first reads that shard), and data.num_labels (l) is at most the labels per image on disk."""
+    urls = expand_urls(data_cfg.train_shards)
+    missing = missing_shard_labels(data_cfg.labels_dir, [shard_stem(u) for u in urls])
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(urls)} training shards have no label file in "
+                                f"data.labels_dir={data_cfg.labels_dir}, e.g. {missing[:3]} (did cluster.py's "
+                                "assign stage finish over these shards?)")
     want = data_cfg.get("num_labels")
     if want is None:
         return
-    shard = expand_urls(data_cfg.train_shards)[0]
-    have = label_width(data_cfg.labels_dir, shard_stem(shard))
+    have = label_width(data_cfg.labels_dir, shard_stem(urls[0]))
     if not 1 <= int(want) <= have:
         raise ValueError(f"data.num_labels={want}: the label files in {data_cfg.labels_dir} hold {have} labels per "
                          f"image (cluster.py assign.topk); use 1..{have}")
@@ -214,11 +236,15 @@ def train(cfg) -> dict:
     if cfg.data.source not in ("shards", "synthetic"):
         raise ValueError(f"data.source={cfg.data.source!r}: shards | synthetic")
     if cfg.data.source == "shards":
-        expand_urls(cfg.data.train_shards)  # a pattern that matches nothing fails here, before any output or wandb
-        check_num_labels(cfg.data)
+        for key in ("train_shards", "labels_dir"):
+            if not cfg.data.get(key):
+                raise ValueError(f"data.{key} is not set: pick an experiment (experiment=demo, laion400m_...) or set it")
+        check_labels(cfg.data)  # shards that match nothing fail here too, before any output or wandb
     num_classes = resolve_num_classes(cfg)
     if cfg.monitor.every < 0 or (cfg.monitor.every and cfg.monitor.every % t.log_every):
         raise ValueError(f"monitor.every={cfg.monitor.every}: 0 (off) or a multiple of train.log_every={t.log_every}")
+    if cfg.monitor.every and not cfg.monitor.dataset:
+        raise ValueError(f"monitor.every={cfg.monitor.every} needs monitor.dataset (e.g. fashion_mnist)")
     # rank 0 evaluates; under FSDP every rank runs the monitor's forwards (they all-gather the weights together)
     monitor = (KnnMonitor(cfg.monitor, cfg.model.image_size)
                if cfg.monitor.every and (dist.is_main() or t.sharding == "fsdp") else None)
@@ -229,8 +255,9 @@ def train(cfg) -> dict:
         torch.use_deterministic_algorithms(True)
 
     run_dir, ckpt_root = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
-    if t.resume == "auto":
-        check_same_settings(run_dir, cfg)
+    resume_dir = checkpoint.resolve_resume(t.resume, ckpt_root)
+    if t.resume == "auto" and resume_dir is not None:  # only a run with a step to lose guards its settings, so a
+        check_same_settings(run_dir, cfg)              # start that failed before its first checkpoint blocks nothing
     if dist.is_main():
         ckpt_root.mkdir(parents=True, exist_ok=True)
         fileio.write_json(run_dir / FINGERPRINT, fingerprint(cfg))
@@ -253,7 +280,6 @@ def train(cfg) -> dict:
     identity = {"num_classes": num_classes, "embed_dim": model.embed_dim,
                 "model": OmegaConf.to_container(cfg.model, resolve=True)}
     start_step, counters = 0, {"nonfinite_skipped": 0}
-    resume_dir = checkpoint.resolve_resume(t.resume, ckpt_root)
     if resume_dir is not None:
         restored = checkpoint.restore(resume_dir, model, backbone_opt, pfc, center_opt, identity)
         start_step, counters = restored["step"], restored["counters"]
