@@ -4,6 +4,7 @@ side with a plain PIL open + the same transform loop over the same image files. 
     python bench/data.py [--n 600] [--rounds 8]
 
 Target: the loader (1 worker) reaches at least 0.9x the plain loop's images/s.
+The capacity planner (mlcd/plan.py) takes images_per_s_best.loader_1_worker as one worker's rate: keep that key.
 """
 import argparse
 import json

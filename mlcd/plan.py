@@ -2,10 +2,12 @@
 
     python -m mlcd.plan experiment=laion400m_vitl14 world_size=80 train.global_batch_size=32800 [gpu=h100] [--json]
 
-Reads the same config tree as train.py (any train.py override works). Planner options: world_size (required),
-gpu (a key of GPUS; cpu = fp32 without a step time), mfu (model FLOPs utilisation assumed for the step time,
-default 0.4), num_labels (l when neither data.num_labels nor the labels manifest gives it; else the paper's 8),
-out (also write the plan as JSON there), --json (print JSON instead of the table).
+Reads the same config tree as train.py (any train.py override works; a key the config lacks is refused, as
+train.py refuses it: +key=value adds one). Planner options: world_size (required), gpu (a key of GPUS; cpu = fp32
+without a step time), mfu (fraction of the GPU's peak sustained on the FLOPs it runs, recompute included, default
+0.4), num_labels (l when neither data.num_labels nor the labels manifest gives it; else the paper's 8), loader_rate
+(images/s one DataLoader worker decodes and augments; default the measured rate in bench/results/data.json),
+out (also write the plan as JSON there), --json (print JSON instead of the table), -h/--help (this text).
 
 Memory per rank = bytes of the tensors the code materialises (no allocator slack, CUDA context or NCCL buffers):
   backbone     fp32 weights P, fp32 gradients P, AdamW exp_avg + exp_avg_sq 2P, DDP's gradient buckets P (world > 1,
@@ -33,11 +35,20 @@ Memory per rank = bytes of the tensors the code materialises (no allocator slack
                forward, the loss, the backbone's backward, the optimizer update (see plan()).
 Checked against the peak tensor memory of real CPU runs (fp32) in tests/test_plan.py; the bf16 sizes follow the same
 accounting but have not been measured on a GPU yet.
-Step time = model FLOPs (3 x the ViT's forward per image, plus the loss GEMMs) / (world_size x peak bf16 FLOP/s x
-mfu); recomputation under checkpointing is not model FLOPs, it shows up as a lower mfu.
+Step time = hardware FLOPs / (world_size x peak bf16 FLOP/s x mfu). Model FLOPs (what MFU counts) = 3 x the ViT's
+forward per image plus the loss GEMMs; hardware FLOPs add what checkpointing recomputes: every block's forward
+once more in backward (4 x the blocks' forward instead of 3 x), so the same GPU takes longer per step and the MFU
+it achieves is mfu x model / hardware FLOPs (both printed).
+Loader: the GPUs consume global_batch_size / step time images/s; one rank's data.num_workers decoders feed
+num_workers x loader_rate (0 workers: the training process decodes, counted as one). When that is less, the run is
+loader-bound: step time and days become the loader's (compute-bound days printed beside) and a WARNING says by how
+much. The default rate was measured on 500x375 JPEGs -> 224 px crops on a 2-core CPU; a 336 px crop costs more,
+and a cluster's cores differ: measure yours (bench/data.py) and pass loader_rate=.
 """
+import difflib
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -54,9 +65,14 @@ GPUS = {
     "h200": (143771 * 2**20, 989e12),   # SXM 141 GB, the H100's compute
     "cpu": (None, None),                # fp32, no step time: for checking the memory model against CPU runs
 }
-PLAN_KEYS = ("world_size", "gpu", "mfu", "num_labels", "out")
+PLAN_KEYS = ("world_size", "gpu", "mfu", "num_labels", "loader_rate", "out")
 DEFAULT_NUM_LABELS = 8      # the paper's l (cluster.py's assign.topk default)
 HEADROOM = 0.9              # a plan "fits" below 90% of the GPU: CUDA context, NCCL buffers, allocator slack
+LOADER_BENCH = Path(__file__).resolve().parents[1] / "bench" / "results" / "data.json"
+# Used when LOADER_BENCH is missing: images/s of one DataLoader worker, bench/results/data.json when copied
+# (bench/data.py: webdataset shards of 500x375 q90 JPEGs -> RandomResizedCrop 224 bicubic + flip + normalize,
+# best of 8 rounds on a shared 2-core x86 CPU, torch 2.14, Pillow 13).
+LOADER_RATE_MEASURED = 123.2
 
 
 # ---------------------------------------------------------------------------------------------- the ViT
@@ -135,10 +151,23 @@ def sampled_columns(n_local: int, positives: float, ratio: float, rule: str) -> 
 
 # ---------------------------------------------------------------------------------------------- config
 def load_config(overrides=()):
-    """The train.py config for these overrides (hydra's compose API: the same defaults, groups and grammar)."""
+    """The train.py config for these overrides (hydra's compose API: the same defaults, groups and grammar).
+    Hydra's errors become a ValueError naming the override, so a misspelled key or planner option is one clear line."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return compose(config_name="train", overrides=list(overrides))
+        try:
+            return compose(config_name="train", overrides=list(overrides))
+        except HydraException as e:
+            unknown = re.match(r"Could not override '([^']+)'", str(e))
+            if not unknown:
+                raise ValueError(str(e)) from None
+            key = unknown.group(1)
+            arg = next((a for a in overrides if a.partition("=")[0] == key), key)
+            close = difflib.get_close_matches(key, PLAN_KEYS, n=1)
+            raise ValueError(f"{arg}: {key!r} is neither a planner option ({', '.join(PLAN_KEYS)}) nor a key of "
+                             "the train config; " + (f"did you mean {close[0]}=?" if close else
+                                                     f"+{arg} would add it to the config")) from None
 
 
 def _labels_manifest(cfg) -> dict:
@@ -169,8 +198,18 @@ def resolve_num_labels(cfg, num_labels=None) -> tuple[int, str]:
     return DEFAULT_NUM_LABELS, "assumed: the paper's; set num_labels=..."
 
 
+def loader_rate_per_worker() -> tuple[float, str]:
+    """(images/s of one DataLoader worker, where it came from): the data benchmark's measurement, else its copy."""
+    try:
+        rate = float(json.loads(LOADER_BENCH.read_text())["images_per_s_best"]["loader_1_worker"])
+        return rate, "bench/results/data.json"
+    except (OSError, ValueError, KeyError, TypeError):
+        return LOADER_RATE_MEASURED, "bench/data.py's measurement, as copied into mlcd/plan.py"
+
+
 # ---------------------------------------------------------------------------------------------- the plan
-def plan(cfg, world_size: int, gpu: str = "a100-80gb", mfu: float = 0.4, num_labels=None) -> dict:
+def plan(cfg, world_size: int, gpu: str = "a100-80gb", mfu: float = 0.4, num_labels=None,
+         loader_rate=None) -> dict:
     """Per-rank memory (bytes), FLOPs and schedule time for a composed train config; see the module docstring."""
     if gpu not in GPUS:
         raise ValueError(f"gpu={gpu!r}: must be one of {sorted(GPUS)}")
@@ -178,6 +217,8 @@ def plan(cfg, world_size: int, gpu: str = "a100-80gb", mfu: float = 0.4, num_lab
         raise ValueError(f"world_size={world_size!r}: must be a positive integer (the number of GPUs)")
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu={mfu!r}: must be in (0, 1]")
+    if loader_rate is not None and not loader_rate > 0:
+        raise ValueError(f"loader_rate={loader_rate!r}: must be > 0 (images/s per DataLoader worker)")
     t, loss, model_cfg = cfg.train, cfg.loss, OmegaConf.to_container(cfg.model, resolve=True)
     G, accum = int(t.global_batch_size), int(t.grad_accum)
     if G % (world_size * accum):
@@ -249,10 +290,30 @@ def plan(cfg, world_size: int, gpu: str = "a100-80gb", mfu: float = 0.4, num_lab
     mem["peak"] = mem["persistent"] + phases[peak_phase]
 
     fwd = vit_forward_flops(model_cfg)
+    # checkpointing recomputes each block's forward in backward (vit.py checkpoints blocks, not the patch embedding)
+    recompute = fwd - vit_forward_flops({**model_cfg, "layers": 0}) if ckpt else 0
     loss_flops = 3 * 2 * B * n * D                                      # per rank: cosines fwd + two GEMMs bwd
-    step_flops = 3 * fwd * G + world_size * loss_flops * accum
+    step_flops = 3 * fwd * G + world_size * loss_flops * accum          # model FLOPs
+    hw_flops = step_flops + recompute * G
     capacity, peak_flops = GPUS[gpu]
-    step_s = step_flops / (world_size * peak_flops * mfu) if peak_flops else None
+    step_s = hw_flops / (world_size * peak_flops * mfu) if peak_flops else None
+    time = loader = None
+    if step_s is not None:
+        steps = int(t.total_steps)
+        time = {"compute_step_s": step_s, "compute_days": step_s * steps / 86400,
+                "achieved_mfu": mfu * step_flops / hw_flops}
+        if str(cfg.data.get("source", "shards")) != "synthetic":     # synthetic batches decode nothing
+            rate, rate_source = (float(loader_rate), "loader_rate") if loader_rate else loader_rate_per_worker()
+            workers = int(cfg.data.num_workers)
+            needed, fed = G / world_size / step_s, max(workers, 1) * rate
+            loader = {"num_workers": workers, "rate_per_worker": rate, "rate_source": rate_source,
+                      "needed_per_gpu": needed, "available_per_gpu": fed, "factor": needed / fed,
+                      "bound": needed > fed, "workers_needed": math.ceil(needed / rate)}
+            time["loader_step_s"] = G / world_size / fed
+            time["loader_days"] = time["loader_step_s"] * steps / 86400
+        time["step_s"] = max(step_s, time.get("loader_step_s", 0))
+        time["days"] = time["step_s"] * steps / 86400
+        time["images_per_s"] = G / time["step_s"]
     out = {
         "config": {"model": model_cfg.get("name"), "run_name": cfg.get("run_name"), "world_size": world_size,
                    "gpu": gpu, "mfu": mfu, "precision": "bf16" if bf16 else "fp32", "grad_checkpointing": ckpt,
@@ -265,10 +326,10 @@ def plan(cfg, world_size: int, gpu: str = "a100-80gb", mfu: float = 0.4, num_lab
                   "logits_shape": [B * copies, round(n)]},
         "memory_bytes": mem,
         "peak_phase": peak_phase,
-        "flops": {"forward_per_image": fwd, "train_per_image": 3 * fwd, "loss_per_rank_step": loss_flops * accum,
-                  "per_step": step_flops},
-        "time": None if step_s is None else {
-            "step_s": step_s, "images_per_s": G / step_s, "days": step_s * int(t.total_steps) / 86400},
+        "flops": {"forward_per_image": fwd, "train_per_image": 3 * fwd, "recompute_per_image": recompute,
+                  "loss_per_rank_step": loss_flops * accum, "per_step": step_flops, "hardware_per_step": hw_flops},
+        "time": time,
+        "loader": loader,
         "gpu_memory_bytes": capacity,
     }
     if capacity is None:
@@ -324,29 +385,58 @@ def format_table(p: dict) -> str:
         f"  compute: {p['flops']['forward_per_image'] / 1e9:.2f} GFLOP forward per image, "
         f"{p['flops']['per_step'] / 1e15:.2f} PFLOP per step",
     ]
-    if p["time"]:
-        tm = p["time"]
-        lines.append(f"  time at {c['mfu']:.0%} MFU: {tm['step_s']:.2f} s/step, {tm['images_per_s']:,.0f} img/s "
-                     f"({tm['images_per_s'] / c['world_size']:,.0f} per GPU for the loader to feed); "
-                     f"{c['total_steps']:,} steps = {tm['days']:.1f} days")
+    f = p["flops"]
+    if f["recompute_per_image"]:
+        lines[-1] += (f" of model FLOPs; {f['hardware_per_step'] / 1e15:.2f} PFLOP run with checkpointing's recompute "
+                      f"(+{f['recompute_per_image'] / 1e9:.2f} GFLOP per image)")
+    tm, ld = p["time"], p["loader"]
+    if tm:
+        lines.append(f"  compute-bound at mfu={c['mfu']} of peak over the FLOPs run (MFU on model FLOPs "
+                     f"{tm['achieved_mfu']:.1%}): "
+                     f"{tm['compute_step_s']:.2f} s/step, {c['global_batch_size'] / tm['compute_step_s']:,.0f} img/s "
+                     f"({c['global_batch_size'] / tm['compute_step_s'] / c['world_size']:,.0f} per GPU for the loader "
+                     f"to feed); {c['total_steps']:,} steps = {tm['compute_days']:.1f} days")
+    if ld:
+        lines.append(f"  loader: {ld['num_workers']} workers x {ld['rate_per_worker']:.0f} img/s ({ld['rate_source']}) "
+                     f"= {ld['available_per_gpu']:,.0f} img/s per GPU for the {ld['needed_per_gpu']:,.0f} needed "
+                     f"({ld['available_per_gpu'] / ld['needed_per_gpu']:.2f}x)")
+        if ld["bound"]:
+            lines.append(loader_warning(p))
+        lines.append(f"  days: {tm['days']:.1f}, {'loader' if ld['bound'] else 'compute'}-bound (compute-bound "
+                     f"{tm['compute_days']:.1f}, loader-bound {tm['loader_days']:.1f})")
     lines.append(f"  verdict: {p['verdict']}")
     return "\n".join(lines)
 
 
+def loader_warning(p: dict) -> str:
+    """The loader-bound line: by how much, the days it costs, and the workers that would lift it."""
+    c, tm, ld = p["config"], p["time"], p["loader"]
+    return (f"  WARNING: loader-bound by {ld['factor']:.1f}x: data.num_workers={ld['num_workers']} feed "
+            f"{ld['available_per_gpu']:,.0f} of the {ld['needed_per_gpu']:,.0f} img/s per GPU the compute needs, so "
+            f"{c['total_steps']:,} steps take {tm['loader_days']:.1f} days, not {tm['compute_days']:.1f}; it takes "
+            f"data.num_workers={ld['workers_needed']} at this rate (CPU cores per GPU allowing; measure yours with "
+            f"bench/data.py and pass loader_rate=)")
+
+
 def parse_args(argv):
-    """Split planner options (PLAN_KEYS, --json) from train.py's hydra overrides."""
+    """Split planner options (PLAN_KEYS, --json, -h/--help) from train.py's hydra overrides; load_config refuses the
+    overrides whose key the config lacks."""
     opts, overrides = {"json": False}, []
     for arg in argv:
         key, eq, value = arg.partition("=")
+        if arg in ("-h", "--help"):
+            return {"help": True}, []
         if arg == "--json":
             opts["json"] = True
+        elif arg.startswith("-") and not eq:
+            raise ValueError(f"unknown flag {arg}: the planner takes --json and -h/--help (see --help)")
         elif eq and key in PLAN_KEYS:
             opts[key] = value
         else:
             overrides.append(arg)
     if "world_size" not in opts:
         raise ValueError("world_size=N is required: the number of GPUs (ranks) the run will use")
-    for key, cast in (("world_size", int), ("mfu", float), ("num_labels", int)):
+    for key, cast in (("world_size", int), ("mfu", float), ("num_labels", int), ("loader_rate", float)):
         if key in opts:
             try:
                 opts[key] = cast(opts[key])
@@ -355,13 +445,18 @@ def parse_args(argv):
     return opts, overrides
 
 
-def main(argv=None) -> dict:
+def main(argv=None):
     opts, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    if opts.get("help"):
+        print(__doc__)
+        return None
     p = plan(load_config(overrides), opts["world_size"], opts.get("gpu", "a100-80gb"), opts.get("mfu", 0.4),
-             opts.get("num_labels"))
+             opts.get("num_labels"), opts.get("loader_rate"))
     if opts.get("out"):
         Path(opts["out"]).write_text(json.dumps(p, indent=2) + "\n")
     print(json.dumps(p, indent=2) if opts["json"] else format_table(p))
+    if opts["json"] and p["loader"] and p["loader"]["bound"]:
+        print(loader_warning(p).strip(), file=sys.stderr)     # the JSON holds it too; a terminal should still see it
     return p
 
 

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import cluster  # noqa: E402  (the entry script: check_config lives there)
+from mlcd.cluster.files import load_json  # noqa: E402
 
 
 def cfg_of(*overrides):
@@ -97,8 +98,8 @@ def test_help_lists_only_cluster_groups():
     proc = run_cluster("--help")
     assert proc.returncode == 0, proc.stderr[-2000:]
     groups = proc.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
-    assert "experiment: laion400m_vitb32, laion400m_vitl14" in groups
-    for train_group in ("model:", "loss:", "optim:", "data:", "demo"):
+    assert "experiment: demo, laion400m_vitb32, laion400m_vitl14" in groups
+    for train_group in ("model:", "loss:", "optim:", "data:", "demo:"):
         assert train_group not in groups, groups
 
 
@@ -127,3 +128,21 @@ def test_laion_presets(name, model):
     if name == "laion400m_vitl14":  # the paper's labels: the ones the training presets read
         train = OmegaConf.load(ROOT / "configs" / "train" / "experiment" / "laion400m_vitl14.yaml")
         assert str(Path(cfg.out_dir) / "labels") == train.data.labels_dir
+
+
+def test_a_failed_extract_start_does_not_refuse_the_corrected_command(tmp_path):
+    """extract.model=<typo> fails after the features manifest is written; with no feature file written yet, that
+    manifest binds nothing, so the corrected command runs (a finished shard still guards its settings)."""
+    shards = tmp_path / "shards"
+    subprocess.run([sys.executable, "-m", "mlcd.data.make_shards", "--source", "fashion_mnist", "--split", "train",
+                    "--out", str(shards), "--prefix", "fm", "--max-per-shard", "40", "--limit", "80"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=120)
+    common = [f"shards='{shards}/fm-{{000000..000001}}.tar'", f"out_dir={tmp_path / 'out'}", "stages=[extract]",
+              "extract.batch_size=40", "extract.num_workers=0"]
+    typo = run_cluster(*common, "extract.model=ViT-S-33")
+    assert typo.returncode != 0 and "ViT-S-33" in typo.stderr, typo.stderr[-2000:]
+    fixed = run_cluster(*common)
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert load_json(tmp_path / "out" / "features" / "manifest.json")["rows"] == 80
+    other = run_cluster(*common, "extract.image_size=64")  # now a shard exists: other settings are refused
+    assert other.returncode != 0 and "image_size" in other.stderr, other.stderr[-2000:]

@@ -107,6 +107,70 @@ def test_parse_args_errors():
         planner.parse_args(["world_size=eight"])
     opts, overrides = planner.parse_args(["world_size=8", "gpu=h200", "--json", "model=vit_b16", "loss.margin=0.2"])
     assert opts == {"json": True, "world_size": 8, "gpu": "h200"} and overrides == ["model=vit_b16", "loss.margin=0.2"]
+    assert planner.parse_args(["experiment=laion400m_vitb32", "--help"]) == ({"help": True}, [])
+    assert planner.parse_args(["world_size=8", "loader_rate=90"])[0]["loader_rate"] == 90.0
+
+
+# ---------------------------------------------------------------------------------------------- time: recompute, loader
+def test_checkpointing_recompute_is_in_step_time():
+    """Checkpointing reruns every block's forward in backward: hardware FLOPs = model FLOPs + one more forward of
+    the blocks per image (about 4/3 of the backbone's 3 passes), and the step time grows by exactly that ratio."""
+    base = ["experiment=laion400m_vitl14"]
+    off = plan(load_config(base + ["train.grad_checkpointing=false"]), 80)
+    on = plan(load_config(base + ["train.grad_checkpointing=true"]), 80)
+    model_cfg = OmegaConf.to_container(load_config(base).model, resolve=True)
+    fwd = off["flops"]["forward_per_image"]
+    blocks = fwd - planner.vit_forward_flops({**model_cfg, "layers": 0})    # patch embedding + projection left out
+    assert 1.32 < (3 * fwd + blocks) / (3 * fwd) <= 4 / 3
+    G, model_flops = 32_800, off["flops"]["per_step"]
+    assert on["flops"]["per_step"] == model_flops == off["flops"]["hardware_per_step"]   # MFU's FLOPs unchanged
+    expected = (model_flops + G * blocks) / model_flops
+    assert on["flops"]["hardware_per_step"] == model_flops + G * blocks
+    assert on["time"]["compute_step_s"] / off["time"]["compute_step_s"] == pytest.approx(expected, rel=1e-12)
+    assert on["time"]["achieved_mfu"] == pytest.approx(0.4 / expected) and off["time"]["achieved_mfu"] == 0.4
+
+
+def test_loader_bound_b32_on_80_gpus(capsys):
+    """B/32 on 80 GPUs consumes ~4,555 img/s per GPU; 8 workers at the measured ~123 img/s feed ~986: loader-bound
+    by ~4.6x, and the days are the loader's."""
+    rate, source = planner.loader_rate_per_worker()
+    assert source == "bench/results/data.json" and rate == planner.LOADER_RATE_MEASURED   # the copy is current
+    p = planner.main(["experiment=laion400m_vitb32", "world_size=80"])
+    ld, tm = p["loader"], p["time"]
+    assert ld["needed_per_gpu"] == pytest.approx(4_555, abs=1) and ld["available_per_gpu"] == 8 * rate
+    assert ld["bound"] and ld["factor"] == pytest.approx(4_555 / (8 * rate), rel=1e-3) and 4.5 < ld["factor"] < 4.7
+    assert tm["days"] == tm["loader_days"] == pytest.approx(tm["compute_days"] * ld["factor"])
+    assert tm["images_per_s"] == pytest.approx(80 * 8 * rate)
+    out = capsys.readouterr().out
+    assert f"WARNING: loader-bound by {ld['factor']:.1f}x: data.num_workers=8" in out
+    assert f"days: {tm['loader_days']:.1f}, loader-bound (compute-bound {tm['compute_days']:.1f}" in out
+
+
+def test_loader_rate_override_and_fallback(capsys, monkeypatch):
+    p = planner.main(["experiment=laion400m_vitb32", "world_size=80", "loader_rate=1e6"])
+    assert not p["loader"]["bound"] and p["loader"]["rate_source"] == "loader_rate"
+    assert p["time"]["days"] == p["time"]["compute_days"] and "WARNING" not in capsys.readouterr().out
+    p = plan(load_config(["experiment=laion400m_vitb32", "data.source=synthetic"]), 80)
+    assert p["loader"] is None and p["time"]["days"] == p["time"]["compute_days"]
+    monkeypatch.setattr(planner, "LOADER_BENCH", Path("/nonexistent/data.json"))
+    assert planner.loader_rate_per_worker()[0] == planner.LOADER_RATE_MEASURED
+
+
+def test_cli_help_and_unknown_keys():
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "mlcd.plan", *args], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    for flag in ("--help", "-h"):
+        r = run(flag)
+        assert r.returncode == 0 and r.stdout.startswith("Capacity planner") and "loader_rate" in r.stdout
+    r = run("experiment=laion400m_vitb32", "world_size=80", "gpus=h100")
+    assert r.returncode == 1 and "'gpus' is neither a planner option" in r.stderr and "did you mean gpu=" in r.stderr
+    assert "Traceback" not in r.stderr
+    with pytest.raises(ValueError, match=r"train.grad_acum=2: 'train.grad_acum' is neither .* \+train.grad_acum=2"):
+        load_config(["train.grad_acum=2"])
+    with pytest.raises(ValueError, match="unknown flag --jsn"):
+        planner.parse_args(["world_size=8", "--jsn"])
+    assert load_config(["+train.extra=1"]).train.extra == 1                 # hydra's + still adds a key
 
 
 def test_cli_table_json_and_error(tmp_path):
