@@ -54,6 +54,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from mlcd.data.labels import resolve_num_classes
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
 GIB = 2**30
 
@@ -175,17 +177,6 @@ def _labels_manifest(cfg) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def resolve_num_classes(cfg) -> int:
-    if cfg.get("num_classes"):
-        return int(cfg.num_classes)
-    info = _labels_manifest(cfg)
-    for key in ("num_classes", "k", "num_centers"):
-        if key in info:
-            return int(info[key])
-    raise ValueError(f"num_classes is not set and {cfg.data.labels_dir}/manifest.json does not give it: "
-                     "add num_classes=... to the command line")
-
-
 def resolve_num_labels(cfg, num_labels=None) -> tuple[int, str]:
     """(l, where it came from): data.num_labels, the labels manifest, the planner's num_labels, else the paper's 8."""
     if cfg.data.get("num_labels"):
@@ -232,7 +223,8 @@ def plan(cfg, world_size: int, gpu: str = "a100-80gb", mfu: float = 0.4, num_lab
         raise ValueError(f"train.precision={precision!r}: must be auto, fp32 or bf16")
     bf16 = (precision == "bf16") or (precision == "auto" and gpu != "cpu")
     b, B = G // (world_size * accum), G // accum                        # per-rank micro-batch, global loss rows
-    C, D = resolve_num_classes(cfg), int(model_cfg.get("embed_dim") or model_cfg["width"])
+    C = resolve_num_classes(cfg.get("num_classes"), cfg.data.labels_dir)
+    D = int(model_cfg.get("embed_dim") or model_cfg["width"])
     kind = str(loss.get("kind", "mlcd"))
     l, l_source = resolve_num_labels(cfg, num_labels)
     l_used = 1 if kind == "single" else min(l, int(loss.get("slots") or l)) if kind == "per_slot" else l

@@ -10,6 +10,7 @@ For a shard `.../NAME.tar` and a labels directory L:
     L/NAME.sims.npy     float32 [n, k], the matching cosine similarities
 plus L/manifest.json written by the stage that produced them.
 """
+import json
 import os
 from pathlib import Path
 
@@ -56,6 +57,34 @@ def label_width(labels_dir, stem: str) -> int:
     if not labels_p.exists():
         raise FileNotFoundError(f"no labels for shard {stem!r}: {labels_p} missing (did cluster.py assign run?)")
     return int(np.load(labels_p, mmap_mode="r").shape[1])
+
+
+def manifest_num_classes(labels_dir) -> int | None:
+    """The class count cluster.py wrote in the labels' manifest.json, or None where there is no manifest."""
+    manifest = Path(labels_dir) / "manifest.json"
+    if not manifest.exists():
+        return None
+    info = json.loads(manifest.read_text())
+    for key in ("num_classes", "k", "num_centers"):
+        if key in info:
+            return int(info[key])
+    raise ValueError(f"{manifest}: no num_classes field (is it cluster.py's labels manifest?)")
+
+
+def resolve_num_classes(num_classes, labels_dir) -> int:
+    """The class count: the labels' manifest wherever it exists, and a num_classes given must agree with it (5000
+    centers over labels of 1000 would train 4000 centers that are never a positive). labels_dir None: no labels."""
+    from_manifest = manifest_num_classes(labels_dir) if labels_dir else None
+    if num_classes:
+        if from_manifest is not None and int(num_classes) != from_manifest:
+            raise ValueError(f"num_classes={num_classes} but {Path(labels_dir) / 'manifest.json'} says the labels "
+                             f"index {from_manifest:,} centers: set num_classes={from_manifest} (or null to read it), "
+                             "or point data.labels_dir at the clustering you mean")
+        return int(num_classes)
+    if from_manifest is None:
+        raise ValueError(f"num_classes is not set and there is no labels manifest (data.labels_dir={labels_dir}): "
+                         "run cluster.py first (or `make demo`), or set num_classes=... and data.labels_dir=...")
+    return from_manifest
 
 
 def missing_shard_labels(labels_dir, stems) -> list[str]:

@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mlcd import dist, fileio
-from mlcd.data.labels import label_width, missing_shard_labels, shard_stem
+from mlcd.data.labels import label_width, missing_shard_labels, resolve_num_classes, shard_stem
 from mlcd.data.loader import expand_urls, make_train_loader
 from mlcd.dist import derive_seed
 from mlcd.models import build_model
@@ -34,37 +34,6 @@ from mlcd.train.step import train_step
 
 PRECISIONS = ("auto", "fp32", "bf16")
 WANDB_MODES = ("online", "offline", "disabled")
-
-
-def labels_manifest_classes(labels_dir) -> tuple[Path, int | None]:
-    """(manifest path, its class count or None when there is no manifest) of cluster.py's labels directory."""
-    manifest = Path(labels_dir) / "manifest.json"
-    if not manifest.exists():
-        return manifest, None
-    info = json.loads(manifest.read_text())
-    for key in ("num_classes", "k", "num_centers"):
-        if key in info:
-            return manifest, int(info[key])
-    raise ValueError(f"{manifest}: no num_classes field (is it cluster.py's labels manifest?)")
-
-
-def resolve_num_classes(cfg) -> int:
-    """The class count: the labels' manifest (written by cluster.py) wherever it exists, and num_classes must agree
-    with it: 5000 centers over labels of 1000 would train 4000 centers that are never a positive."""
-    from_manifest = None
-    if cfg.data.source == "shards" and cfg.data.labels_dir:
-        manifest, from_manifest = labels_manifest_classes(cfg.data.labels_dir)
-    if cfg.num_classes:
-        if from_manifest is not None and int(cfg.num_classes) != from_manifest:
-            raise ValueError(f"num_classes={cfg.num_classes} but {manifest} says the labels index {from_manifest:,} "
-                             f"centers: set num_classes={from_manifest} (or null to read it), or point "
-                             "data.labels_dir at the clustering you mean")
-        return int(cfg.num_classes)
-    if from_manifest is None:
-        raise ValueError(f"num_classes is not set and there is no labels manifest "
-                         f"(data.labels_dir={cfg.data.labels_dir}): run cluster.py first (or `make demo`), or set "
-                         "num_classes=... and data.labels_dir=...")
-    return from_manifest
 
 
 def check_labels(data_cfg) -> None:
@@ -240,7 +209,7 @@ def train(cfg) -> dict:
             if not cfg.data.get(key):
                 raise ValueError(f"data.{key} is not set: pick an experiment (experiment=demo, laion400m_...) or set it")
         check_labels(cfg.data)  # shards that match nothing fail here too, before any output or wandb
-    num_classes = resolve_num_classes(cfg)
+    num_classes = resolve_num_classes(cfg.num_classes, cfg.data.labels_dir if cfg.data.source == "shards" else None)
     if cfg.monitor.every < 0 or (cfg.monitor.every and cfg.monitor.every % t.log_every):
         raise ValueError(f"monitor.every={cfg.monitor.every}: 0 (off) or a multiple of train.log_every={t.log_every}")
     if cfg.monitor.every and not cfg.monitor.dataset:
