@@ -39,3 +39,12 @@ def test_each_entry_script_offers_only_its_own_config_groups():
             loader = GlobalHydra.instance().config_loader()
             got = {g for g in loader.list_groups("") if g != "hydra"}
         assert got == groups, (script, got)
+
+
+def test_readme_is_short_and_every_doc_link_resolves():
+    """The README starts short (what, two commands, results, layout) and points into docs/; no link dangles."""
+    readme = ROOT / "README.md"
+    assert len(readme.read_text().splitlines()) <= 250
+    for page in [readme, *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#:]+)\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to missing {target}"

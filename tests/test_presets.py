@@ -69,10 +69,10 @@ CLUSTER_COMMON = {
     "extract.image_size": (224, "CLIP ViT-L/14's own input size"),
     "extract.text": (False, "ours: image features; the paper's caption fusion is unpublished"),
     "kmeans.k": (1_000_000, "§4.1: one million classes"),
-    "kmeans.mode": ("two_level", "ours: FAISS flat k-means at 1M is infeasible on one node (README Scale-out)"),
+    "kmeans.mode": ("two_level", "ours: FAISS flat k-means at 1M is infeasible on one node (docs/scale-out.md)"),
     "kmeans.max_points_per_centroid": (100, "ours: a 100M-row sample (FAISS's rule of thumb is 39-256)"),
-    "kmeans.refine_iters": (10, "ours: README Scale-out (measured objective gain per pass)"),
-    "kmeans.refine_probe": (16, "ours: README Scale-out"),
+    "kmeans.refine_iters": (10, "ours: docs/scale-out.md (measured objective gain per pass)"),
+    "kmeans.refine_probe": (16, "ours: docs/scale-out.md"),
     "assign.topk": (8, "§4.1: l = 8 positive labels per image"),
     "assign.method": ("exact", "§3.2: similarity-based sorting against the centers (exact on GPUs)"),
 }
