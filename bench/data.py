@@ -1,10 +1,15 @@
 """Loader throughput: one DataLoader worker decoding JPEG shards at 224 with the training transforms, side by
-side with a plain PIL open + the same transform loop over the same image files. Writes bench/results/data.json.
+side with a plain PIL open + the same transform loop over the same image files, and the device-decode path
+(data.decode=gpu) run with device=cpu: the worker reads and checks the samples and draws the boxes, the main
+process decodes (torchvision.io.decode_jpeg, libjpeg-turbo) and crops/resizes/flips/normalises the batch.
+Writes bench/results/data.json.
 
     python bench/data.py [--n 600] [--rounds 8]
 
-Target: the loader (1 worker) reaches at least 0.9x the plain loop's images/s.
+Targets: the loader (1 worker) reaches at least 0.9x the plain loop's images/s; the decode=gpu path on the CPU is
+not slower per CPU-second than the decode=cpu loader (median over rounds of the per-round ratio >= 1).
 The capacity planner (mlcd/plan.py) takes images_per_s_best.loader_1_worker as one worker's rate: keep that key.
+On a GPU the decode=gpu rate is measured by bench/gpu_check.py (`make gpu-check`, check `decode`).
 """
 import argparse
 import json
@@ -76,9 +81,9 @@ def plain_loop(paths, transform, batch_size, seed):
     return n / (time.perf_counter() - t0), n / (_cpu() - c0)
 
 
-def loader_run(urls, labels_dir, num_workers, batch_size, seed):
+def loader_run(urls, labels_dir, num_workers, batch_size, seed, decode="cpu"):
     loader = make_train_loader(urls, labels_dir, batch_size=batch_size, num_workers=num_workers, image_size=224,
-                               seed=seed, resampled=False, shuffle_buffer=256)
+                               seed=seed, resampled=False, shuffle_buffer=256, decode=decode, device="cpu")
     n = 0
     c0, t0 = _cpu(), time.perf_counter()  # includes worker start-up
     for x, _ in loader:
@@ -107,12 +112,17 @@ def main():
             write_shard_labels(tmp / "labels", Path(u).stem, keys, np.zeros((len(keys), 2), np.int32),
                                np.ones((len(keys), 2), np.float32))
         transform = TrainTransform(224)
-        results = {"plain_loop": [], "loader_1_worker": [], "loader_in_process": []}
+        import torchvision.io  # noqa: F401 - its first import takes seconds: not inside a timed run
+        results = {"plain_loop": [], "loader_1_worker": [], "loader_in_process": [], "gpu_path_1_worker": [],
+                   "gpu_path_in_process": []}
         per_cpu_s = {k: [] for k in results}
+        lab = str(tmp / "labels")
         for r in range(a.rounds):  # interleaved rounds: the machine is shared
             for name, fn in (("plain_loop", lambda: plain_loop(paths, transform, a.batch_size, r)),
-                             ("loader_1_worker", lambda: loader_run(urls, str(tmp / "labels"), 1, a.batch_size, r)),
-                             ("loader_in_process", lambda: loader_run(urls, str(tmp / "labels"), 0, a.batch_size, r))):
+                             ("loader_1_worker", lambda: loader_run(urls, lab, 1, a.batch_size, r)),
+                             ("gpu_path_1_worker", lambda: loader_run(urls, lab, 1, a.batch_size, r, "gpu")),
+                             ("loader_in_process", lambda: loader_run(urls, lab, 0, a.batch_size, r)),
+                             ("gpu_path_in_process", lambda: loader_run(urls, lab, 0, a.batch_size, r, "gpu"))):
                 wall, cpu = fn()
                 results[name].append(wall)
                 per_cpu_s[name].append(cpu)
@@ -122,9 +132,10 @@ def main():
     best = {k: max(v) for k, v in results.items()}
     best_cpu = {k: max(v) for k, v in per_cpu_s.items()}
 
-    def median_ratio(d, name):  # per round: loader vs the plain loop run just before it (same machine load)
-        return float(np.median([x / p for x, p in zip(d[name], d["plain_loop"])]))
+    def median_ratio(d, name, ref="plain_loop"):  # per round: vs the reference run beside it (same machine load)
+        return float(np.median([x / p for x, p in zip(d[name], d[ref])]))
     ratio = median_ratio(results, "loader_1_worker")
+    gpu_cpu_s = median_ratio(per_cpu_s, "gpu_path_1_worker", "loader_1_worker")
     out = {
         "benchmark": "webdataset train loader vs plain PIL loop, JPEG -> RandomResizedCrop(224, bicubic) + flip + "
                      "CLIP normalize, batches stacked",
@@ -136,12 +147,22 @@ def main():
         "images_per_cpu_s_best": {k: round(v, 1) for k, v in best_cpu.items()},
         "ratio_per_cpu_s_loader_1_worker_vs_plain": round(median_ratio(per_cpu_s, "loader_1_worker"), 3),
         "images_per_cpu_s_all_rounds": {k: [round(x, 1) for x in v] for k, v in per_cpu_s.items()},
+        "ratio_gpu_path_vs_loader_1_worker": {
+            "per_cpu_s": round(gpu_cpu_s, 3), "per_wall_s": round(median_ratio(results, "gpu_path_1_worker",
+                                                                                "loader_1_worker"), 3),
+            "in_process_per_cpu_s": round(median_ratio(per_cpu_s, "gpu_path_in_process", "loader_in_process"), 3),
+            "in_process_per_wall_s": round(median_ratio(results, "gpu_path_in_process", "loader_in_process"), 3)},
         "target": "loader with 1 worker >= 0.9x plain loop (median over rounds of the per-round wall-clock ratio)",
         "target_met": bool(ratio >= 0.9),
+        "target_gpu_path": "decode=gpu on the CPU (1 worker) >= decode=cpu loader (1 worker) in images per CPU-second "
+                           "(median over rounds of the per-round ratio)",
+        "target_gpu_path_met": bool(gpu_cpu_s >= 1.0),
         "sizes": {"images": a.n, "image_size_src": [500, 375], "jpeg_quality": 90, "mean_jpeg_kb": round(mean_kb, 1),
                   "shards": len(urls), "batch_size": a.batch_size, "out_size": 224, "rounds": a.rounds,
                   "shuffle_buffer": 256},
         "notes": "loader timings include DataLoader worker start-up and moving batches to the main process; "
+                 "gpu_path_*: data.decode=gpu with device=cpu (the worker reads, checks, draws boxes; the main "
+                 "process decodes with torchvision.io.decode_jpeg and resizes on uint8, antialiased bicubic); "
                  "plain loop and loader worker both run with 1 torch thread; interleaved rounds on a shared machine, "
                  "ratios are medians of per-round ratios. images_per_cpu_s counts CPU time of the main process plus the joined worker, so it "
                  "is less sensitive to other load on the machine than wall-clock images/s",

@@ -11,6 +11,11 @@
                       CUDA RNG state, resumed to the same losses as an uninterrupted run; with 2+ GPUs also DDP vs
                       FSDP2 over NCCL on 2 ranks
     6. throughput     bench/train.py: vit_b16 at 224, 1M classes, r = 0.1: images/s and MFU
+    7. decode         data.decode=gpu vs cpu on LAION-sized JPEGs (500x375) at 224: images/s per GPU of the device
+                      decoder (nvJPEG + crop/resize/flip/normalise on the GPU), of one PIL worker and of data.num_workers
+                      of them, both loaders end to end, beside the trainer's ViT-B/32 step at the paper's per-GPU
+                      batch (410); same-box pixel agreement with the CPU path; bad/odd images (cut, garbage, PNG, CMYK,
+                      progressive) skipped and counted alike on both paths. Runs only on CUDA (or when named in --only)
 
 Writes bench/results/gpu_check.json and prints one line per check; exits 1 if a check fails. Without CUDA it says
 so and exits 0. `--smoke` runs the same code at toy sizes on the CPU (no thresholds, no FAISS GPU): what the test
@@ -45,6 +50,9 @@ FEATURE_COSINE = 0.995    # bf16 vs fp32 features, per image (minimum)
 KMEANS_OBJ_RTOL = 0.01    # GPU vs CPU k-means objective (different float summation orders)
 ASSIGN_AGREE = 0.999      # GPU vs CPU top-1 center of each point
 PROBE_ATOL = 0.5          # GPU vs CPU linear-probe top-1, in points
+DECODE_MEAN_ABS = 0.03    # decode=gpu vs cpu, same boxes: mean |diff| in normalised units (one grey level ~ 0.015):
+                          #   nvJPEG's IDCT/upsampling and the float resize differ from libjpeg-turbo + PIL by ~1 level
+CUDA_ONLY = {"decode"}    # skipped without CUDA unless named in --only (then it runs on the CPU, as tests do)
 
 
 def _cfg(group: str, name: str):
@@ -258,8 +266,155 @@ def check_throughput(device, smoke: bool) -> dict:
     return result
 
 
+# ---------------------------------------------------------------------------------------------- 7. decode
+def _odd_images() -> dict:
+    """Images a decoder may treat differently: key -> bytes. Both paths must skip or keep the same ones."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+
+    def enc(img, **kw):
+        buf = io.BytesIO()
+        img.save(buf, **kw)
+        return buf.getvalue()
+    good = enc(Image.fromarray(arr), format="JPEG", quality=90)
+    return {"good": good, "gray": enc(Image.fromarray(arr[..., 0]), format="JPEG"),
+            "progressive": enc(Image.fromarray(arr), format="JPEG", progressive=True),
+            "cmyk": enc(Image.fromarray(arr).convert("CMYK"), format="JPEG"),
+            "png": enc(Image.fromarray(arr), format="PNG"), "webp": enc(Image.fromarray(arr), format="WEBP"),
+            "cut": good[: len(good) // 2], "cut_with_end": good[: len(good) // 2] + b"\xff\xd9",
+            "scan_garbage": good[:len(good) // 2] + bytes(200) + good[-2:],
+            "garbage": b"\xff\xd8\xff\xe0" + rng.integers(0, 256, 300, dtype=np.uint8).tobytes(), "empty": b""}
+
+
+def check_decode(device, smoke: bool) -> dict:
+    import importlib.util
+    import io
+    import random
+
+    import webdataset as wds
+    from PIL import Image
+
+    from mlcd.data.device_decode import DeviceDecoder, pack
+    from mlcd.data.labels import write_shard_labels
+    from mlcd.data.loader import iter_samples, make_train_loader
+    from mlcd.data.make_shards import shards_from_folder
+    from mlcd.data.transforms import TrainTransform, to_normalized_tensor
+    from mlcd.train.optim import build_backbone_optimizer, build_center_optimizer
+    from mlcd.train.step import train_step
+
+    spec = importlib.util.spec_from_file_location("bench_data", ROOT / "bench" / "data.py")
+    bench_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_data)
+    n, batch, size = (24, 8, 64) if smoke else (1024, 410, 224)  # 410 = 32,800 / 80 GPUs (paper Table 10, §4.1)
+    workers = 0 if smoke else min(int(_cfg("data", "default").num_workers), os.cpu_count() or 1)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(fn, reps):
+        fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / reps
+
+    out = {"images": n, "batch": batch, "out_size": size, "src_size": [500, 375], "workers": workers}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = bench_data.make_images(tmp / "imgs", n)
+        datas = [p.read_bytes() for p in paths]
+        transform = TrainTransform(size)
+        # same boxes: the device path vs PIL (decode=cpu's decoder and resize) on one batch
+        rng = random.Random(0)
+        items = []
+        for d in datas[:batch]:
+            with Image.open(io.BytesIO(d)) as img:
+                items.append((d, transform.params(img.width, img.height, rng)))
+        enc = pack(items, [np.zeros(1, np.int64)] * len(items), [""] * len(items), [""] * len(items), shared=False)
+        decoder = DeviceDecoder(size, device)
+        got, failed = decoder(enc)
+        ref = []
+        for d, (left, top, w, h, flip) in items:
+            img = Image.open(io.BytesIO(d)).convert("RGB").resize((size, size), Image.BICUBIC,
+                                                                  box=(left, top, left + w, top + h))
+            ref.append(to_normalized_tensor(img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img))
+        diff = (got.float().cpu() - torch.stack(ref)).abs()
+        out.update(same_box_mean_abs_diff=float(diff.mean()), same_box_p99_abs_diff=float(diff.flatten().kthvalue(
+            int(0.99 * diff.numel())).values), same_box_max_abs_diff=float(diff.max()), same_box_failed=len(failed))
+        # throughput per GPU: the device decoder alone (main process), one PIL worker, the trainer's step
+        t_decode = timed(lambda: decoder(enc), 2 if smoke else 10)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # a DataLoader worker runs single-threaded
+        rng = random.Random(1)
+        t0 = time.perf_counter()
+        for d in datas[:batch]:
+            with Image.open(io.BytesIO(d)) as img:
+                transform(img.convert("RGB"), rng)
+        per_worker = batch / (time.perf_counter() - t0)
+        torch.set_num_threads(threads)
+        out.update(gpu_path_decoder_images_per_s=batch / t_decode, cpu_path_images_per_s_per_worker=per_worker,
+                   cpu_path_images_per_s_all_workers=per_worker * max(workers, 1))
+        model_cfg = _tiny_model_cfg() if smoke else _cfg("model", "vit_b32")
+        model_cfg.image_size = size
+        num_classes = 1000 if smoke else 12_500  # 1M classes over 80 GPUs: one rank's centers
+        torch.manual_seed(0)
+        model = build_model(model_cfg).to(device)
+        pfc = build_partial_fc(_cfg("loss", "mlcd"), num_classes, model.embed_dim, seed=0).to(device)
+        opts = build_backbone_optimizer(model, _cfg("optim", "adamw")), build_center_optimizer(pfc, _cfg("optim", "adamw"))
+        labels = torch.randint(0, num_classes, (batch, 8), device=device)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        counter = iter(range(10**6))
+        t_step = timed(lambda: train_step(model, pfc, *opts, iter([(got, labels)]), next(counter), 1, 1.0, autocast),
+                       2 if smoke else 10)
+        del model, pfc, opts
+        out.update(train_step_images_per_s=batch / t_step, train_step_seconds=t_step, decode_seconds=t_decode,
+                   gpu_path_decode_plus_step_images_per_s=batch / (t_decode + t_step),
+                   cpu_path_feeds_fraction_of_step=min(per_worker * max(workers, 1) * t_step / batch, 1.0))
+        # both loaders end to end over shards (workers read the tars; decode=gpu decodes here, on the GPU)
+        m = shards_from_folder(tmp / "imgs", tmp / "shards", prefix="d", max_per_shard=max(n // 8, 1))
+        urls = [str(tmp / "shards" / r["name"]) for r in m["shards"]]
+        for u in urls:
+            keys = [r["__key__"] for r in iter_samples(u, None)]
+            write_shard_labels(tmp / "labels", Path(u).stem, keys, np.zeros((len(keys), 8), np.int32),
+                               np.ones((len(keys), 8), np.float32))
+        for decode in ("cpu", "gpu"):
+            loader = make_train_loader(urls, str(tmp / "labels"), batch_size=batch, num_workers=workers,
+                                       image_size=size, seed=0, resampled=False, shuffle_buffer=256, decode=decode,
+                                       device=device)
+            t0, seen = time.perf_counter(), 0
+            for x, _ in loader:
+                seen += len(x)
+            sync()
+            out[f"loader_{decode}_images_per_s"] = seen / (time.perf_counter() - t0)
+        # odd and broken images: skipped or kept alike on both paths
+        odd = _odd_images()
+        with wds.TarWriter(str(tmp / "odd.tar")) as sink:
+            for key, data in odd.items():
+                sink.write({"__key__": key, "jpg": data})
+        write_shard_labels(tmp / "odd_labels", "odd", list(odd), np.arange(len(odd))[:, None].astype(np.int32),
+                           np.ones((len(odd), 1), np.float32))
+        kept, bad = {}, {}
+        for decode in ("cpu", "gpu"):
+            loader = make_train_loader(str(tmp / "odd.tar"), str(tmp / "odd_labels"), batch_size=4, num_workers=0,
+                                       image_size=size, seed=0, resampled=False, decode=decode, device=device)
+            kept[decode] = sorted(list(odd)[int(i)] for _, y in loader for i in y[:, 0])
+            bad[decode] = loader.skip_counts()["bad_image"]
+        out.update(odd_kept_cpu=kept["cpu"], odd_kept_gpu=kept["gpu"], odd_bad_image=bad, decoder_stats=decoder.stats)
+    lead = ("gpu_path_decoder_images_per_s", "cpu_path_images_per_s_all_workers", "train_step_images_per_s",
+            "gpu_path_decode_plus_step_images_per_s", "same_box_mean_abs_diff")  # the summary line's figures
+    out = {**{k: out[k] for k in lead}, **out}
+    out["ok"] = (out["same_box_mean_abs_diff"] <= DECODE_MEAN_ABS and not out["same_box_failed"]
+                 and kept["cpu"] == kept["gpu"] and bad["cpu"] == bad["gpu"] and bad["cpu"] + len(kept["cpu"]) == len(odd))
+    return out
+
+
 CHECKS = {"bf16_step": check_bf16_step, "attention": check_attention, "faiss": check_faiss,
-          "features": check_features_and_probe, "trainer": check_trainer, "throughput": check_throughput}
+          "features": check_features_and_probe, "trainer": check_trainer, "throughput": check_throughput,
+          "decode": check_decode}
 
 
 def _summary(name: str, r: dict) -> str:
@@ -284,6 +439,9 @@ def main(argv=None) -> int:
                "torch": torch.__version__, "smoke": args.smoke, "checks": {}}
     print(f"gpu-check on {results['device']}, torch {torch.__version__}")
     for name in args.only or CHECKS:
+        if name in CUDA_ONLY and device.type != "cuda" and not args.only:
+            print(f"  SKIP  {name:<11} needs CUDA (`--smoke --only {name}` runs it on the CPU)", flush=True)
+            continue
         t0 = time.time()
         try:
             r = CHECKS[name](device, args.smoke)

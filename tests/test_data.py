@@ -378,3 +378,250 @@ def test_data_eval_transform_crops_like_the_probe_transform():
         a, b = EvalTransform(24)(img), eval_transform(24)(img)
         assert a.shape == b.shape == (3, 24, 24)
         assert float((a - b).abs().max()) < 1e-5, (w, h)
+
+
+# ------------------------------------------------------------------ data.decode=gpu (device-side decode), on the CPU
+
+def _photo(i: int, size) -> Image.Image:
+    """A photo-like image (smooth gradient, blurred shapes, mild noise): what the interpolation bounds are stated on."""
+    from PIL import ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(i)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    t = xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1)
+    t = (t - t.min()) / (np.ptp(t) + 1e-6)
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    img = Image.fromarray((c0 * (1 - t[..., None]) + c1 * t[..., None]).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        draw.ellipse([x0, y0, x0 + int(rng.integers(4, w // 2)), y0 + int(rng.integers(4, h // 2))],
+                     fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    arr = np.asarray(img.filter(ImageFilter.GaussianBlur(1.0))).astype(np.int16) + rng.integers(-6, 7, (h, w, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def _encode(img: Image.Image, fmt="JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+N_JPEG = 48
+
+
+@pytest.fixture(scope="module")
+def jpeg_shards(tmp_path_factory):
+    """48 photo-like images of varied sizes in 6 shards of 8: JPEGs (RGB, one grayscale, one progressive, one CMYK)
+    and two PNGs; labels [i, 1000 + i % 7]."""
+    root = tmp_path_factory.mktemp("jpeg")
+    (root / "imgs").mkdir()
+    for i in range(N_JPEG):
+        img = _photo(i, (40 + 7 * (i % 9), 30 + 11 * (i % 5)))
+        if i == 5:
+            data = _encode(img.convert("L"), quality=90)
+        elif i == 6:
+            data = _encode(img, quality=90, progressive=True)
+        elif i == 7:
+            data = _encode(img.convert("CMYK"), quality=90)
+        else:
+            data = _encode(img, quality=90) if i not in (8, 9) else _encode(img, "PNG")
+        (root / "imgs" / f"im{i:03d}.{'png' if i in (8, 9) else 'jpg'}").write_bytes(data)
+    m = shards_from_folder(root / "imgs", root / "shards", prefix="jp", max_per_shard=8)
+    for s in m["shards"]:
+        keys = [x["__key__"] for x in iter_samples(str(root / "shards" / s["name"]), None)]
+        idx = np.array([int(k[2:]) for k in keys])
+        write_shard_labels(root / "labels", s["name"][:-4], keys, np.stack([idx, 1000 + idx % 7], 1).astype(np.int32),
+                           np.ones((len(keys), 2), np.float32))
+    return str(root / "shards" / "jp-{000000..000005}.tar"), str(root / "labels")
+
+
+# decode=gpu vs decode=cpu, same crop box: PIL's bicubic resize vs torch's antialiased bicubic (the same kernel,
+# a = -0.5); the decoders are bit-identical on the CPU (both libjpeg-turbo). In normalised units (one grey level =
+# 1 / (255 * std) ~ 0.015), on 40 crops of 500x375 photo-like JPEGs to 224: uint8 resize (what the CPU runs) mean
+# |diff| 8e-5, 99% of values equal, max 0.045; float resize (what CUDA runs) mean 0.0024, max 0.058. Bounds:
+SAME_BOX_MEAN_ABS = 0.002   # uint8: ~0.13 grey level (loader comparison at 32 px too)
+SAME_BOX_MEAN_ABS_FLOAT = 0.005
+SAME_BOX_MAX_ABS = 0.25     # ~16 grey levels: one pixel at a crop border, where PIL reads pixels outside the box
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_gpu_decode_gives_the_cpu_paths_batches(jpeg_shards, num_workers):
+    """Same seed: the same samples in the same batches with the same boxes and flips (the worker draws them from
+    the same RNG stream), images equal within the interpolation difference; and reproducible."""
+    urls, labels_dir = jpeg_shards
+    cpu = list(make_train_loader(urls, labels_dir, 8, num_workers, 32, seed=5, shuffle_buffer=6, resampled=False))
+    gpu = list(make_train_loader(urls, labels_dir, 8, num_workers, 32, seed=5, shuffle_buffer=6, resampled=False,
+                                 decode="gpu", device="cpu"))
+    assert len(cpu) == len(gpu) == N_JPEG // 8
+    for (xc, yc), (xg, yg) in zip(cpu, gpu):
+        assert torch.equal(yc, yg)
+        assert xg.shape == xc.shape and xg.dtype == torch.float32
+        d = (xg - xc).abs()
+        assert float(d.mean()) < SAME_BOX_MEAN_ABS and float(d.max()) < SAME_BOX_MAX_ABS, (float(d.mean()), float(d.max()))
+    again = list(make_train_loader(urls, labels_dir, 8, num_workers, 32, seed=5, shuffle_buffer=6, resampled=False,
+                                   decode="gpu", device="cpu"))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(gpu, again))
+    # the resampled (training) stream too
+    res = [make_train_loader(urls, labels_dir, 8, num_workers, 32, seed=6, decode=dec, device="cpu")
+           for dec in ("cpu", "gpu")]
+    for b, ((xc, yc), (xg, yg)) in enumerate(zip(*res)):
+        assert torch.equal(yc, yg) and float((xg - xc).abs().mean()) < SAME_BOX_MEAN_ABS
+        if b == 9:
+            break
+
+
+def test_gpu_decode_of_png_shards_is_the_cpu_path_exactly(labelled):
+    """PNG (and grayscale) images are decoded and transformed in the workers by decode=cpu's own code: batches
+    equal bit for bit, worker batches with no JPEG at all included."""
+    urls, labels_dir = labelled
+    a, b = (list(make_train_loader(urls, labels_dir, 6, 2, 8, seed=3, resampled=False, shuffle_buffer=7,
+                                   decode=dec, device="cpu")) for dec in ("cpu", "gpu"))
+    assert sum(len(y) for _, y in b) == N_IMG
+    xa, ya, xb, yb = torch.cat([x for x, _ in a]), torch.cat([y for _, y in a]), torch.cat([x for x, _ in b]), \
+        torch.cat([y for _, y in b])
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize("resize_uint8", [True, False])
+def test_gpu_decode_for_a_fixed_box_matches_pil(resize_uint8):
+    """DeviceDecoder on given boxes and flips vs PIL resize(box=...) + flip + normalise (decode=cpu's transform),
+    on 500x375 photo-like JPEGs: mean and max |diff| within the stated interpolation bounds, for the uint8 resize
+    the CPU runs and the float one CUDA runs; worker-transformed images land in their slots untouched."""
+    import random
+
+    from mlcd.data.device_decode import DeviceDecoder, pack
+    from mlcd.data.transforms import TrainTransform, to_normalized_tensor
+
+    t = TrainTransform(224)
+    rng = random.Random(0)
+    items, ref = [], []
+    for i in range(12):
+        img = _photo(i, (500, 375))
+        data = _encode(img, quality=90)
+        left, top, w, h, flip = t.params(500, 375, rng)
+        flip = bool(i % 2)  # both kinds, whatever the draw
+        items.append((data, (left, top, w, h, flip)))
+        out = Image.open(io.BytesIO(data)).convert("RGB").resize((224, 224), Image.BICUBIC,
+                                                                 box=(left, top, left + w, top + h))
+        ref.append(to_normalized_tensor(out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out))
+    ready = torch.randn(3, 224, 224)
+    items.insert(3, ready)
+    n = len(items)
+    batch = pack(items, [np.array([i]) for i in range(n)], [f"k{i}" for i in range(n)], ["u"] * n, shared=False)
+    decoder = DeviceDecoder(224, "cpu")
+    decoder.resize_uint8 = resize_uint8
+    got, failed = decoder(batch)
+    assert failed == [] and got.shape == (n, 3, 224, 224)
+    assert torch.equal(got[3], ready)
+    d = (torch.cat([got[:3], got[4:]]) - torch.stack(ref)).abs()
+    bound = SAME_BOX_MEAN_ABS if resize_uint8 else SAME_BOX_MEAN_ABS_FLOAT
+    assert float(d.mean()) < bound and float(d.max()) < SAME_BOX_MAX_ABS, (float(d.mean()), float(d.max()))
+    interior = d[..., 8:-8, 8:-8]  # away from the crop border both read the same pixels: a grey level or two
+    assert float(interior.max()) < 0.05
+
+
+def test_gpu_decode_boxes_follow_the_cpu_paths_distribution():
+    """The boxes decode=gpu's workers draw (prepare_encoded on JPEG headers) vs torchvision's RandomResizedCrop
+    sampler (an independent implementation, torch's RNG): two-sample KS tests on area fraction, log aspect ratio
+    and horizontal centre, p > 0.001 each, over 4 image shapes x 1,500 draws (fixed seeds: deterministic). And the
+    RNG stream: decode=gpu's worker consumes exactly the draws TrainTransform makes (the same stream as decode=cpu)."""
+    import random
+
+    from scipy.stats import ks_2samp
+    from torchvision.transforms import RandomResizedCrop
+
+    from mlcd.data.loader import prepare_encoded
+    from mlcd.data.transforms import TrainTransform
+
+    t = TrainTransform(32)
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    for w, h in [(500, 375), (375, 500), (64, 48), (900, 200)]:
+        sample = {"__key__": "k", "jpg": _encode(_photo(w, (w, h)), quality=90)}
+        ours, ref, flips = [], [], 0
+        for _ in range(1500):
+            data, (left, top, cw, ch, flip) = prepare_encoded(sample, t, rng)
+            ours.append((cw * ch / (w * h), np.log(cw / ch), (left + cw / 2) / w))
+            flips += flip
+            top_r, left_r, ch_r, cw_r = RandomResizedCrop.get_params(torch.empty(3, h, w), [0.08, 1.0], [3 / 4, 4 / 3])
+            ref.append((cw_r * ch_r / (w * h), np.log(cw_r / ch_r), (left_r + cw_r / 2) / w))
+        ours, ref = np.array(ours), np.array(ref)
+        for j, what in enumerate(("area fraction", "log aspect", "centre x")):
+            p = ks_2samp(ours[:, j], ref[:, j]).pvalue
+            assert p > 1e-3, (w, h, what, p)
+        assert abs(flips / 1500 - 0.5) < 4 * np.sqrt(0.25 / 1500)
+    # the stream: JPEGs (header only) and PNG/CMYK (transformed in the worker) consume what TrainTransform consumes
+    samples = [{"__key__": f"k{i}", fmt: _encode(img, fmt.upper().replace("JPG", "JPEG"))}
+               for i, (fmt, img) in enumerate([("jpg", _photo(1, (60, 40))), ("png", _photo(2, (30, 50))),
+                                               ("jpg", _photo(3, (50, 50)).convert("CMYK")),
+                                               ("jpg", _photo(4, (80, 30)).convert("L"))])]
+    a, b = random.Random(7), random.Random(7)
+    for s in samples * 3:
+        prepare_encoded(s, t, a)
+        ext = "jpg" if "jpg" in s else "png"
+        t(Image.open(io.BytesIO(s[ext])).convert("RGB"), b)
+        assert a.getstate() == b.getstate()
+
+
+def test_prepare_encoded_routes_each_kind_of_image():
+    """Worker side of decode=gpu: RGB/grayscale JPEGs go to the device as bytes with a box; PNG, CMYK, a JPEG cut
+    short (no end marker) are decoded here by PIL (a cut one fails: 'bad_image', as on decode=cpu); garbage and
+    an empty member are 'bad_image'; no image member is 'no_image'."""
+    import random
+
+    from mlcd.data.loader import prepare_encoded
+    from mlcd.data.transforms import TrainTransform
+
+    t, rng = TrainTransform(16), random.Random(0)
+    jpg = _encode(_photo(0, (40, 30)), quality=90)
+    cases = {"jpg": (jpg, "device"), "gray": (_encode(_photo(1, (40, 30)).convert("L")), "device"),
+             "cmyk": (_encode(_photo(2, (40, 30)).convert("CMYK")), "worker"),
+             "png": (_encode(_photo(3, (40, 30)), "PNG"), "worker"), "cut": (jpg[: len(jpg) // 2], "bad_image"),
+             "garbage": (b"\xff\xd8\xff\xe0" + bytes(100), "bad_image"), "empty": (b"", "bad_image")}
+    for name, (data, want) in cases.items():
+        got = prepare_encoded({"__key__": name, "jpg": data}, t, rng)
+        kind = ("device" if isinstance(got, tuple) else "worker" if isinstance(got, torch.Tensor) else got)
+        assert kind == want, name
+        if kind == "device":
+            assert got[0] == data and len(got[1]) == 5
+        if kind == "worker":
+            assert got.shape == (3, 16, 16)
+    assert prepare_encoded({"__key__": "x", "txt": b"no image"}, t, rng) == "no_image"
+    with pytest.raises(ValueError, match="decode must be one of"):
+        make_train_loader([], ".", 4, 0, 8, seed=0, decode="nvjpeg")
+
+
+def test_gpu_decode_trains_on_cpu(tmp_path):
+    """train.py's loop with data.decode=gpu on the CPU (in process, as tests/test_train.py runs it): the same losses
+    as decode=cpu within the interpolation difference, the corrupt images counted in the log."""
+    import webdataset as wds
+
+    from test_train import _compose, _run_inprocess
+
+    shard_dir, labels_dir = tmp_path / "shards", tmp_path / "labels"
+    shard_dir.mkdir()
+    for s in range(2):
+        keys, labels = [], []
+        with wds.TarWriter(str(shard_dir / f"train-{s:06d}.tar")) as sink:
+            for j in range(25):
+                key = f"s{s}-{j:03d}"
+                data = b"not a jpeg" if j == 3 else _encode(_photo(100 * s + j, (40 + j, 36)), quality=90)
+                sink.write({"__key__": key, "jpg": data})
+                keys.append(key)
+                labels.append([j % 23, 10 + (j * 7) % 13])
+        write_shard_labels(labels_dir, f"train-{s:06d}", keys, np.array(labels, np.int32),
+                           np.ones((len(keys), 2), np.float32))
+    (labels_dir / "manifest.json").write_text(json.dumps({"num_classes": 23}))
+    dataset = (f"{shard_dir}/train-{{000000..000001}}.tar", str(labels_dir))
+    rows = {}
+    for decode in ("cpu", "gpu"):
+        cfg = _compose(dataset, tmp_path / decode, **{"data.decode": decode, "train.total_steps": 4,
+                                                      "train.ckpt_every": 4, "train.log_every": 1})
+        _run_inprocess(cfg)
+        rows[decode] = [json.loads(l) for l in (tmp_path / decode / "metrics.jsonl").read_text().splitlines()]
+    losses = {k: [r["loss"] for r in v] for k, v in rows.items()}
+    assert len(losses["gpu"]) == 4 and all(np.isfinite(losses["gpu"]))
+    np.testing.assert_allclose(losses["gpu"], losses["cpu"], rtol=1e-3)
+    assert rows["gpu"][-1]["skipped/bad_image"] == rows["cpu"][-1]["skipped/bad_image"] >= 1

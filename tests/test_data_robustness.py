@@ -4,7 +4,10 @@ from worker processes); elsewhere the error names the shard and the key.
 
 The accounting tests cut, corrupt and garble shards of each kind and check, per shard, against what
 Python's tarfile finds in the intact original: the samples yielded are exactly the ones the policy keeps
-(every sample complete before a cut among them), and yielded + counted = the samples the shard held."""
+(every sample complete before a cut among them), and yielded + counted = the samples the shard held.
+They run on the extraction loader and on the training loader with both decode paths (data.decode=cpu|gpu; gpu
+runs its device code on the CPU here): the gpu path's failures found in the training process (a JPEG whose header
+reads but whose data does not decode) are counted there and their batch slots refilled."""
 import gzip
 import io
 import json
@@ -12,11 +15,14 @@ import logging
 import tarfile
 import zlib
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from mlcd.data.labels import write_shard_labels
+from mlcd.data.labels import shard_stem, write_shard_labels
 from mlcd.data.loader import REASONS, iter_samples, make_extract_loader, make_train_loader
 from mlcd.data.transforms import EvalTransform
 
@@ -26,6 +32,13 @@ def _jpeg(i: int) -> bytes:
     rng = np.random.default_rng(i)
     Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
+
+
+def _no_scan_jpeg(i: int) -> bytes:
+    """A JPEG whose header reads (size, mode) and that ends with the end marker, but has no image data: it passes
+    the gpu path's worker check and fails to decode in the training process (device decoder and PIL)."""
+    data = _jpeg(i)
+    return data[:data.index(b"\xff\xda")] + b"\xff\xd9"
 
 
 def _write_tar(path, samples):
@@ -74,13 +87,15 @@ def bad(tmp_path_factory):
     shard("s0", s0)
     good += [int(m["cls"]) for _, m in s0]
     # s1: garbage JPEG (JPEG magic, then noise), a sample without image member, a truncated JPEG
-    s1 = [_good(f"s1-{j}", next(idx)) for j in range(6)]
+    # and a JPEG without image data (header and end marker only)
+    s1 = [_good(f"s1-{j}", next(idx)) for j in range(7)]
     s1[1][1]["jpg"] = b"\xff\xd8\xff\xe0" + bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8))
     del s1[3][1]["jpg"]
     s1[3][1]["txt"] = b"caption without image"
     s1[4][1]["jpg"] = s1[4][1]["jpg"][: len(s1[4][1]["jpg"]) // 2]
+    s1[6][1]["jpg"] = _no_scan_jpeg(int(s1[6][1]["cls"]))
     shard("s1", s1)
-    good += [int(m["cls"]) for j, (_, m) in enumerate(s1) if j not in (1, 3, 4)]
+    good += [int(m["cls"]) for j, (_, m) in enumerate(s1) if j not in (1, 3, 4, 6)]
     # s2: tar cut in the middle of sample 4's image: samples 0-3 survive, 4 and 5 are lost
     s2 = [_good(f"s2-{j}", next(idx)) for j in range(6)]
     shard("s2", s2)
@@ -118,37 +133,44 @@ def bad(tmp_path_factory):
     _manifest(sd, counts_of)  # the shards' sample counts before they were damaged
 
     counts = dict.fromkeys(REASONS, 0)
-    counts.update(truncated_tar=2, corrupt_tar=1, bad_image=2, no_image=1,  # s2-4 and s2-5; s6-2
+    counts.update(truncated_tar=2, corrupt_tar=1, bad_image=3, no_image=1,  # s2-4 and s2-5; s6-2
                   missing_labels=1 + 2,   # s3-1, all of s5
                   bad_labels=1 + 3)       # s3-2 (id -5), all of s4
     return sd, ld, sorted(good), counts
 
 
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_skip_policy_counts_every_skip_exactly(bad, num_workers):
+def test_skip_policy_counts_every_skip_exactly(bad, num_workers, decode):
     sd, ld, good, counts = bad
     loader = make_train_loader(str(sd / "s{0..6}.tar"), str(ld), batch_size=4, num_workers=num_workers,
-                               image_size=16, seed=0, resampled=False, on_bad_labels="skip", k=2)
-    ids = []
+                               image_size=16, seed=0, resampled=False, on_bad_labels="skip", k=2, decode=decode,
+                               device="cpu")
+    ids, sizes = [], []
     for x, y in loader:
-        assert x.shape == (len(y), 3, 16, 16)
+        assert x.shape == (len(y), 3, 16, 16) and x.dtype == torch.float32 and torch.isfinite(x).all()
         ids += y[:, 0].tolist()
+        sizes.append(len(y))
     assert sorted(ids) == good
     assert loader.skip_counts() == counts
+    if decode == "gpu":  # one stream of full batches: only the very last one may be short
+        assert all(n == 4 for n in sizes[:-1]) and 0 < sizes[-1] <= 4
 
 
-def test_resampled_stream_keeps_going_over_bad_shards(bad):
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_resampled_stream_keeps_going_over_bad_shards(bad, decode):
     sd, ld, good, counts = bad
     loader = make_train_loader(str(sd / "s{0..6}.tar"), str(ld), batch_size=4, num_workers=2, image_size=16,
-                               seed=0, on_bad_labels="skip", k=2)
+                               seed=0, on_bad_labels="skip", k=2, decode=decode, device="cpu")
     seen = []
     for b, (x, y) in enumerate(loader):
+        assert x.shape == (4, 3, 16, 16) and y.shape == (4, 2)  # every batch full, bad images or not
         seen += y[:, 0].tolist()
         if b == 30:
             break
     assert set(seen) == set(good)  # 124 draws from 19 good samples: all seen, no bad one
     c = loader.skip_counts()
-    assert c["truncated_tar"] >= 1 and c["bad_image"] >= 2 and c["no_image"] >= 1
+    assert c["truncated_tar"] >= 1 and c["bad_image"] >= 3 and c["no_image"] >= 1
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
@@ -173,7 +195,7 @@ def test_extract_loader_skips_and_counts_once(bad, num_workers):
     assert keys == ([f"s0-{j}" for j in range(5)] + ["s1-0", "s1-2", "s1-5"] + [f"s2-{j}" for j in range(4)]
                     + ["s6-0", "s6-1"])
     expect = dict.fromkeys(REASONS, 0)
-    expect.update(truncated_tar=2, corrupt_tar=1, bad_image=2, no_image=1)  # shard problems not counted twice
+    expect.update(truncated_tar=2, corrupt_tar=1, bad_image=3, no_image=1)  # shard problems not counted twice
     assert loader.skip_counts() == expect
 
 
@@ -220,6 +242,42 @@ def _per_shard(loader):
     return out
 
 
+PATHS = ["extract", "cpu", "gpu"]  # the extraction loader; the training loader with data.decode=cpu | gpu
+
+
+def _check_path(path, urls, expected: dict, total=N_ACC, num_workers=0, keys=None):
+    """_check on the extraction loader, or _check_train on the training loader with decode=path."""
+    if path == "extract":
+        _check(make_extract_loader(urls, EvalTransform(8), 4, num_workers), expected, total)
+    else:
+        _check_train(urls, expected, path, total, num_workers, keys or [f"k{j}" for j in range(N_ACC)])
+
+
+def _check_train(urls, expected: dict, decode: str, total: int, num_workers: int, keys: list):
+    """The training loader (single pass, tar order) over the same shards, every key labelled: label 1000 * shard +
+    key index names each yielded sample. Per shard the keys yielded are the expected ones in tar order; the skip
+    counts are the expected reasons' sums, so yielded + counted = total per shard also where decode=gpu counts
+    in the training process."""
+    ld = Path(urls[0]).parent / "labels"
+    for i, u in enumerate(urls):
+        _labels(ld, shard_stem(u), keys, [1000 * i + j for j in range(len(keys))])
+    loader = make_train_loader(urls, str(ld), batch_size=4, num_workers=num_workers, image_size=8, seed=0,
+                               resampled=False, shuffle=False, k=2, decode=decode, device="cpu")
+    got = {}
+    for x, y in loader:
+        assert x.shape == (len(y), 3, 8, 8)
+        for v in y[:, 0].tolist():
+            got.setdefault(v // 1000, []).append(keys[v % 1000])
+    assert set(got) <= set(expected)
+    for i, (ks, _) in expected.items():
+        assert got.get(i, []) == ks, i
+    sums = dict.fromkeys(REASONS, 0)
+    for ks, reason in expected.values():
+        if reason:
+            sums[reason] += total - len(ks)
+    assert loader.skip_counts() == sums
+
+
 def _check(loader, expected: dict, total=N_ACC):
     """expected: {shard index: (keys to yield, reason the others are counted under)}; also checks that
     yielded + counted = total per shard, nothing counted as uncounted, and the loader total is the sum."""
@@ -235,7 +293,8 @@ def _check(loader, expected: dict, total=N_ACC):
     assert loader.skip_counts() == sums
 
 
-def test_every_cut_of_a_tar_is_accounted_for(tmp_path):
+@pytest.mark.parametrize("path", PATHS)
+def test_every_cut_of_a_tar_is_accounted_for(tmp_path, path):
     layout = _intact(tmp_path / "intact.tar")
     data = (tmp_path / "intact.tar").read_bytes()
     cuts = {0, 1, 300, 511, 512}
@@ -251,11 +310,11 @@ def test_every_cut_of_a_tar_is_accounted_for(tmp_path):
         counts[f"c{i:03d}.tar"] = N_ACC
         expected[i] = (_kept_after_cut(layout, c), "shard_error" if c < 512 else "truncated_tar")
     _manifest(d, counts)
-    _check(make_extract_loader([str(d / f"c{i:03d}.tar") for i in range(len(cuts))], EvalTransform(8), 4, 0),
-           expected)
+    _check_path(path, [str(d / f"c{i:03d}.tar") for i in range(len(cuts))], expected)
 
 
-def test_every_cut_of_a_tar_gz_is_accounted_for(tmp_path):
+@pytest.mark.parametrize("path", PATHS)
+def test_every_cut_of_a_tar_gz_is_accounted_for(tmp_path, path):
     layout = _intact(tmp_path / "intact.tar")
     gz = gzip.compress((tmp_path / "intact.tar").read_bytes())
     cuts = sorted(set(range(0, len(gz), max(len(gz) // 60, 1))) | {len(gz) - 8, len(gz) - 1})
@@ -270,14 +329,14 @@ def test_every_cut_of_a_tar_gz_is_accounted_for(tmp_path):
         expected[i] = (kept, None if len(kept) == N_ACC else "shard_error" if available < 512 else "truncated_tar")
     _manifest(d, counts)
     assert sum(len(k) for k, _ in expected.values()) > N_ACC * len(cuts) // 3  # the cuts span the whole file
-    _check(make_extract_loader([str(d / f"c{i:03d}.tar.gz") for i in range(len(cuts))], EvalTransform(8), 4, 0),
-           expected)
+    _check_path(path, [str(d / f"c{i:03d}.tar.gz") for i in range(len(cuts))], expected)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_each_corruption_kind_is_accounted_for(tmp_path, num_workers, caplog):
-    """Bad header checksum (each member in turn), garbage / empty / missing image, duplicate keys, random bytes,
-    an empty file: every shard's samples are yielded or counted under their reason."""
+def test_each_corruption_kind_is_accounted_for(tmp_path, num_workers, path, caplog):
+    """Bad header checksum (each member in turn), garbage / empty / missing image / a JPEG with no image data,
+    random bytes, an empty file: every shard's samples are yielded or counted under their reason."""
     layout = _intact(tmp_path / "intact.tar")
     with tarfile.open(tmp_path / "intact.tar") as t:
         header_at = [m.offset for m in t]
@@ -300,8 +359,9 @@ def test_each_corruption_kind_is_accounted_for(tmp_path, num_workers, caplog):
     samples = [_good(k, j) for j, k in enumerate(keys)]
     samples[1][1]["jpg"] = b"\xff\xd8\xff\xe0" + bytes(200)  # garbage after a JPEG magic
     samples[3][1]["jpg"] = b""                                # empty image member
+    samples[4][1]["jpg"] = _no_scan_jpeg(4)                   # header and end marker only (gpu: fails in-process)
     _write_tar(d / "img.tar", samples)
-    expected[len(names)] = ([k for j, k in enumerate(keys) if j not in (1, 3)], "bad_image")
+    expected[len(names)] = ([k for j, k in enumerate(keys) if j not in (1, 3, 4)], "bad_image")
     names.append("img.tar")
     samples = [_good(k, j) for j, k in enumerate(keys)]
     del samples[2][1]["jpg"]                                  # missing member: no image
@@ -313,13 +373,14 @@ def test_each_corruption_kind_is_accounted_for(tmp_path, num_workers, caplog):
     add("empty.tar", b"", [], "shard_error")
     _manifest(d, dict.fromkeys(names, N_ACC))
     with caplog.at_level(logging.WARNING, logger="mlcd.data"):
-        _check(make_extract_loader([str(d / n) for n in names], EvalTransform(8), 4, num_workers), expected)
+        _check_path(path, [str(d / n) for n in names], expected, num_workers=num_workers)
     if num_workers == 0:  # worker processes log to their own stderr
         assert f"not a tar archive: {d / 'random.tar'} (no header in the first 512 bytes);" in caplog.text
         assert "ValueError" not in caplog.text and "invalid literal" not in caplog.text
 
 
-def test_duplicate_keys_keep_the_first_and_count_the_repeats(tmp_path):
+@pytest.mark.parametrize("path", PATHS)
+def test_duplicate_keys_keep_the_first_and_count_the_repeats(tmp_path, path):
     """Repeats of a key, adjacent (same members again) or not, are corrupt samples: first kept, rest counted."""
     a1, b, a2, c1, c2, c3, e = (_good("a", 0), _good("b", 1), _good("a", 2), _good("c", 3), _good("c", 4),
                                 ("c", {"cls": b"5"}), _good("e", 6))
@@ -329,8 +390,8 @@ def test_duplicate_keys_keep_the_first_and_count_the_repeats(tmp_path):
     got = list(iter_samples(str(tmp_path / "dup.tar"), None))
     assert [s["__key__"] for s in got] == ["a", "b", "c", "e"]
     assert [s["jpg"] for s in got] == [a1[1]["jpg"], b[1]["jpg"], c1[1]["jpg"], e[1]["jpg"]]  # the first ones
-    _check(make_extract_loader(str(tmp_path / "dup.tar"), EvalTransform(8), 2, 0),
-           {0: (["a", "b", "c", "e"], "duplicate_key")}, total=7)
+    _check_path(path, [str(tmp_path / "dup.tar")], {0: (["a", "b", "c", "e"], "duplicate_key")}, total=7,
+                keys=["a", "b", "c", "e"])
 
 
 def test_without_a_manifest_the_loss_is_flagged_not_guessed(tmp_path):

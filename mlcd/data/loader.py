@@ -30,6 +30,13 @@ Training (`make_train_loader`):
     rank) are split by rank, then by worker; every sample is seen once over all ranks and workers.
   * then a shuffle buffer over the raw (still encoded) samples, decode, TrainTransform, batches of
     (images float32 [B, 3, S, S], labels int64 [B, k]).
+  * decode='gpu' (mlcd/data/device_decode.py): the workers stop before decoding. They send batches of encoded
+    JPEGs with the crop box and flip drawn from the stream's RNG exactly as TrainTransform draws them (other
+    formats decoded and transformed in the worker), and the training process decodes and augments each batch
+    on its device (images on that device, labels on the CPU). An image that fails to decode there is counted
+    'bad_image' by this process and its slot filled by the next sample of the stream: every batch has exactly
+    B images (the last one of a single pass B or fewer, kept unless partial=False), nothing read is dropped
+    except what a loader rebuild drops on both paths (shuffle buffers, prefetched batches).
   * All randomness comes from generators seeded by (seed, rank, world_size, worker, num_workers), and the
     DataLoader's round-robin over workers is deterministic: the same arguments give the same batches.
   * Labels are joined by key from the files beside the shards (mlcd/data/labels.py), loaded once per
@@ -63,6 +70,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mlcd import dist
 from mlcd.dist import derive_seed
+from mlcd.data.device_decode import DeviceDecoder, device_decodable, pack
 from mlcd.data.labels import read_shard_labels, shard_stem
 from mlcd.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform, TrainTransform, to_rgb
 
@@ -81,6 +89,7 @@ REASONS = (
     "uncounted_shards",  # SHARDS, not samples: broken shards that lost a number of samples no manifest tells
 )
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+DECODES = ("cpu", "gpu")  # data.decode: PIL in the workers | the training process's device (device_decode.py)
 _MAX_WARNINGS = 20  # per stream; the counts keep going
 _READ_ERRORS = (OSError, ValueError, zlib.error)  # disk or pipe failures, corrupt gzip data, undecodable names
 
@@ -349,6 +358,25 @@ def decode_image(sample: dict):
         return "bad_image"
 
 
+def prepare_encoded(sample: dict, transform: TrainTransform, rng: random.Random):
+    """decode='gpu', in a worker: (jpeg bytes, (left, top, w, h, flip)) for the device decoder, a transformed tensor
+    (any other image, decoded here by PIL as decode_image does), or the skip reason. The RNG draws are the ones
+    `transform(decode_image(sample), rng)` makes, in the same order: the same stream as decode='cpu'."""
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        return "no_image"
+    data = sample[ext]
+    try:
+        img = Image.open(io.BytesIO(data))  # reads the header only
+        if device_decodable(img, data):
+            return data, transform.params(img.width, img.height, rng)
+        img.load()
+        img = to_rgb(img)
+    except Exception:  # noqa: BLE001 - any decoder failure is a bad image
+        return "bad_image"
+    return transform(img, rng)
+
+
 def _worker():
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
@@ -400,6 +428,50 @@ class _Loader:
         for c in self._live.values():
             for r, v in c.items():
                 total[r] += v
+        return total
+
+
+class _DeviceLoader(_Loader):
+    """decode='gpu': the workers' encoded batches decoded and augmented on `decoder.device` in this process, then
+    re-batched so that every batch has exactly batch_size images: the slot of an image that fails to decode here
+    (counted 'bad_image', with the workers' counts in skip_counts()) goes to the next sample of the stream."""
+
+    def __init__(self, dataset: IterableDataset, num_workers: int, decoder: DeviceDecoder, batch_size: int,
+                 partial: bool):
+        super().__init__(dataset, num_workers)
+        self.decoder, self.batch_size, self.partial = decoder, int(batch_size), partial
+        self._here = Counts()  # images that failed in this process (cumulative, like _done)
+
+    def __iter__(self):
+        B, held, n_held = self.batch_size, [], 0
+        for enc, _ in self._items():
+            if enc is None:
+                continue
+            images, failed = self.decoder(enc)
+            labels = enc["labels"]
+            if failed:
+                for i in failed:
+                    self._here.add("bad_image", enc["urls"][i], f"{enc['keys'][i]} (decode=gpu: the device decoder "
+                                                                f"and PIL both failed)")
+                keep = torch.ones(len(labels), dtype=torch.bool)
+                keep[failed] = False
+                labels = labels[keep]
+            if not held and len(labels) == B:  # the usual case: a worker batch with no failure
+                yield images, labels
+                continue
+            held.append((images, labels))
+            n_held += len(labels)
+            while n_held >= B:
+                x, y = torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held])
+                yield x[:B], y[:B]
+                held, n_held = [(x[B:], y[B:])], n_held - B
+        if self.partial and n_held:
+            yield torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held])
+
+    def skip_counts(self) -> dict:
+        total = super().skip_counts()
+        for r, v in self._here.items():
+            total[r] += v
         return total
 
 
@@ -538,11 +610,11 @@ def split_shards(urls, rank: int, world: int, worker: int, num_workers: int) -> 
 
 class _TrainStream(IterableDataset):
     def __init__(self, urls, labels_dir, batch_size, k, seed, rank, world, num_workers, transform,
-                 bufsize, resampled, shuffle, on_bad_labels, partial, cache_shards=8):
+                 bufsize, resampled, shuffle, on_bad_labels, partial, cache_shards=8, decode="cpu"):
         self.__dict__.update(urls=urls, labels_dir=labels_dir, batch_size=int(batch_size), k=int(k),
                              seed=int(seed), rank=rank, world=world, num_workers=max(int(num_workers), 1),
                              transform=transform, bufsize=int(bufsize), resampled=resampled, shuffle=shuffle,
-                             on_bad_labels=on_bad_labels, partial=partial, cache_shards=cache_shards)
+                             on_bad_labels=on_bad_labels, partial=partial, cache_shards=cache_shards, decode=decode)
 
     def _shards(self, wid: int, rng: random.Random):
         if not self.resampled:
@@ -592,6 +664,25 @@ class _TrainStream(IterableDataset):
     def _batch(self, images, labels, wid, counts):
         return _stack(images), torch.from_numpy(np.stack(labels)), wid, dict(counts)
 
+    def _encoded(self, samples, wid, counts, rng):
+        """decode='gpu': batches of `pack`ed samples (mlcd/data/device_decode.py); a worker's last short batch is
+        always sent (the training process re-batches, and applies `partial` to the stream's very end)."""
+        items, labels, keys, urls = [], [], [], []
+        for s in samples:
+            item = prepare_encoded(s, self.transform, rng)
+            if isinstance(item, str):
+                counts.add(item, s["__url__"], s["__key__"])
+                continue
+            items.append(item)
+            labels.append(s["__labels__"])
+            keys.append(s["__key__"])
+            urls.append(s["__url__"])
+            if len(items) == self.batch_size:
+                yield pack(items, labels, keys, urls, get_worker_info() is not None), None, wid, dict(counts)
+                items, labels, keys, urls = [], [], [], []
+        if items:
+            yield pack(items, labels, keys, urls, get_worker_info() is not None), None, wid, dict(counts)
+
     def __iter__(self):
         wid, nw = _worker()
         if nw != self.num_workers:
@@ -603,6 +694,10 @@ class _TrainStream(IterableDataset):
         samples = self._labelled(wid, counts)
         if self.shuffle:
             samples = shuffle_buffer(samples, self.bufsize, shuffle_rng)
+        if self.decode == "gpu":
+            yield from self._encoded(samples, wid, counts, aug_rng)
+            yield None, None, wid, dict(counts)
+            return
         images, labels = [], []
         for s in samples:
             img = decode_image(s)
@@ -624,7 +719,7 @@ def make_train_loader(urls, labels_dir, batch_size: int, num_workers: int, image
                       on_bad_labels: str = "error", scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
                       interpolation: str = "bicubic", mean=CLIP_MEAN, std=CLIP_STD, augment: bool = True,
                       shuffle: bool = True, partial: bool | None = None, rank: int | None = None,
-                      world_size: int | None = None):
+                      world_size: int | None = None, decode: str = "cpu", device=None):
     """Batches of (images float32 [B, 3, S, S], labels int64 [B, k]) for this rank; see the module docstring.
 
     resampled=True: infinite, shards split by (rank, worker) stream and re-drawn each pass.
@@ -632,9 +727,15 @@ def make_train_loader(urls, labels_dir, batch_size: int, num_workers: int, image
     k: labels per image (the first k columns of the label files); None = the files' k.
     augment=False: EvalTransform (resize + center crop) instead of RandomResizedCrop + flip.
     rank / world_size: default mlcd.dist.rank() / world_size().
+    decode: 'cpu' (PIL in the workers) | 'gpu' (JPEGs decoded and augmented on `device` in this process, images
+    yielded on it; device default: the current CUDA device, else the CPU). Augmentation needs augment=True.
     The stream is a function of (urls, labels, seed, rank, world_size, num_workers, batch_size, settings)."""
     if on_bad_labels not in ("error", "skip"):
         raise ValueError(f"on_bad_labels must be 'error' or 'skip', got {on_bad_labels!r}")
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+    if decode == "gpu" and not augment:
+        raise ValueError("decode='gpu' runs the training transform (augment=True) only")
     urls = expand_urls(urls)
     if not os.path.isdir(labels_dir):
         raise FileNotFoundError(f"labels_dir {labels_dir} does not exist (run cluster.py, or set data.labels_dir)")
@@ -650,7 +751,12 @@ def make_train_loader(urls, labels_dir, batch_size: int, num_workers: int, image
     if not resampled and len(urls) < world * max(num_workers, 1):
         log.warning("%d shards for %d ranks x %d workers: some streams get no shard", len(urls), world,
                     max(num_workers, 1))
+    partial = (not resampled) if partial is None else partial
     stream = _TrainStream(urls, str(labels_dir), batch_size, k, seed, rank, world, num_workers, transform,
-                          shuffle_buffer, resampled, shuffle, on_bad_labels, (not resampled) if partial is None
-                          else partial)
-    return _Loader(stream, num_workers)
+                          shuffle_buffer, resampled, shuffle, on_bad_labels, partial, decode=decode)
+    if decode == "cpu":
+        return _Loader(stream, num_workers)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    return _DeviceLoader(stream, num_workers, DeviceDecoder(image_size, device, interpolation, mean, std),
+                         batch_size, partial)

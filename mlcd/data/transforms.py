@@ -1,5 +1,8 @@
 """Image transforms: the training crop (RandomResizedCrop + flip) driven by an explicit RNG, and the eval resize.
 
+TrainTransform.params is the transform's random draws alone (box and flip), shared with the device-side path
+(data.decode=gpu, mlcd/data/device_decode.py), which crops the same boxes from the decoded batch on the GPU.
+
 The training transform takes its randomness from a `random.Random` passed in by the caller (one per
 loader stream), never from torch's or Python's global RNG: the loader restarts with a derived seed
 at checkpoint boundaries and must reproduce the same stream bit for bit.
@@ -63,11 +66,17 @@ class TrainTransform:
         self.size, self.scale, self.ratio, self.hflip = int(size), tuple(scale), tuple(ratio), float(hflip)
         self.interpolation, self.mean, self.std = _INTERP[interpolation], tuple(mean), tuple(std)
 
+    def params(self, width: int, height: int, rng: random.Random):
+        """(left, top, w, h, flip) for an image of this size: the random draws of one call, in the call's order.
+        decode=gpu draws its boxes with this in the worker (mlcd/data/device_decode.py): the same stream."""
+        left, top, w, h = crop_params(width, height, self.scale, self.ratio, rng)
+        return left, top, w, h, bool(self.hflip and rng.random() < self.hflip)
+
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
         img = to_rgb(img)
-        left, top, w, h = crop_params(img.width, img.height, self.scale, self.ratio, rng)
+        left, top, w, h, flip = self.params(img.width, img.height, rng)
         img = img.resize((self.size, self.size), self.interpolation, box=(left, top, left + w, top + h))
-        if self.hflip and rng.random() < self.hflip:
+        if flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return to_normalized_tensor(img, self.mean, self.std)
 
