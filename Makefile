@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup test demo ablate rounds bench gpu-check fashion-mnist clean
+.PHONY: setup test demo ablate rounds bench gpu-check fashion-mnist clean rehearsal
 
 setup: $(STAMP) fashion-mnist
 
@@ -42,6 +42,11 @@ rounds: setup
 # Elsewhere it says there is no GPU and exits 0.
 gpu-check: setup
 	$(VPY) bench/gpu_check.py
+
+# The mission's sizes on this machine (~1 h on 2 cores; resumable: re-run to continue): cluster.py at K = 1M,
+# torchrun train.py at 1M classes killed and resumed at another world size, export, probe (bench/results/rehearsal.json).
+rehearsal: setup
+	$(VPY) bench/rehearsal.py
 
 bench: setup
 	for f in bench/*.py; do $(VPY) $$f || exit 1; done
