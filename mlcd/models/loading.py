@@ -1,4 +1,5 @@
-"""Loading a trained backbone from one of our checkpoints: what evaluation, export and feature extraction use.
+"""Loading a trained backbone from one of our checkpoints: what evaluation, export and feature extraction use; and
+telling our checkpoints from Hugging Face model directories (`init_source`, for train.init_from).
 
 This module knows the read side of the checkpoint layout (written by mlcd/train/checkpoint.py): a directory
 `step-NNNNNNNN/` with `manifest.json` (model config, step, world size, ...) and `backbone.safetensors`. It
@@ -32,6 +33,25 @@ def find_checkpoint(path) -> Path:
     if not found:
         raise FileNotFoundError(f"{path}: neither a checkpoint nor a run dir with checkpoints/step-*")
     return found[-1]
+
+
+def init_source(path) -> tuple[str, Path]:
+    """What `train.init_from` names: ("mlcd", checkpoint dir) for one of our checkpoints or run directories (its
+    newest checkpoint), ("hf", dir) for a Hugging Face model directory (config.json; mlcd.models.hf.hf_source says
+    whether it is a vision model we can start from). Neither: FileNotFoundError naming both kinds."""
+    from mlcd.models.hf import is_hf_dir
+
+    path = Path(path)
+    if is_hf_dir(path):
+        return "hf", path
+    try:
+        return "mlcd", find_checkpoint(path)
+    except FileNotFoundError:
+        kinds = (f"one of our checkpoints or run directories ({MANIFEST} or checkpoints/step-*/), or a Hugging Face "
+                 "model directory (config.json + weights)")
+        if not path.exists():
+            raise FileNotFoundError(f"train.init_from={path} does not exist (expected {kinds})") from None
+        raise FileNotFoundError(f"train.init_from={path} is not {kinds}") from None
 
 
 def read_manifest(ckpt_dir) -> dict:

@@ -28,8 +28,8 @@ from mlcd.models.loading import BACKBONE, MANIFEST, find_checkpoint, list_checkp
 from mlcd.partial_fc import ShardSpec
 from mlcd.train.sharding import full_state, load_full_state
 
-__all__ = ["save", "restore", "init_from", "resolve_resume", "find_checkpoint", "list_checkpoints", "read_manifest",
-           "load_center_shard", "load_center_states", "reshard", "check_compatible"]
+__all__ = ["save", "restore", "init_from", "init_model_config", "resolve_resume", "find_checkpoint", "list_checkpoints",
+           "read_manifest", "load_center_shard", "load_center_states", "reshard", "check_compatible"]
 _MOMENTS = ("exp_avg", "exp_avg_sq", "row_step")
 
 
@@ -132,11 +132,75 @@ def restore(ckpt_dir, model, backbone_opt, pfc, center_opt, identity: dict) -> d
     return {"step": manifest["step"], "counters": trainer["counters"], "world_size": manifest["world_size"]}
 
 
+# ---------------------------------------------------------------------------------------------- init_from
+MAY_DIFFER = ("image_size", "name")  # what an init source's model and the run's may disagree on
+
+
+def command_line_model_keys() -> set[str]:
+    """The model.* keys given on this process's hydra command line ("*": a `model=NAME` group choice, i.e. all of
+    them). Empty when not under hydra's main (compose, programmatic calls): pass `explicit` there instead."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    keys = set()
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key == "model" or key.startswith("model@"):
+            keys.add("*")
+        elif key.startswith("model."):
+            keys.add(key.split(".")[1])
+    return keys
+
+
+def init_model_config(init_from, model_cfg, resuming: bool, explicit: set[str] | None = None):
+    """The model config of a run started with `train.init_from`, decided before any work (a refusal writes nothing):
+
+    - one of our checkpoints or runs: `model_cfg` as it is (init_backbone_from then requires the source's model
+      in everything but image_size and name);
+    - a Hugging Face vision model directory: the SOURCE's model (from its config.json and weight names), whatever
+      model group the experiment chose. Model keys set explicitly (`explicit`: the keys given on the command line,
+      read from hydra when None; "*" = a `model=NAME` group choice, i.e. every key) are checked against it:
+      model.image_size is taken (a learned position embedding is resized bicubically; RoPE2D needs nothing),
+      model.name is a label, and any other key that contradicts the source (width, layers, heads, mlp_dim,
+      patch_size, pos_embed, embed_dim, act, ln_eps) is refused, naming each field;
+    - nothing there: refused, unless the run is resuming (then the source is not read; a Hugging Face source must
+      stay readable while its runs resume, since the model config comes from it)."""
+    from mlcd.models import model_config
+    from mlcd.models.hf import hf_source, is_hf_dir
+    from mlcd.models.loading import init_source
+
+    if not is_hf_dir(init_from):
+        if not resuming:
+            init_source(init_from)  # neither kind: refused here, before the run directory is made
+        return model_cfg
+    source = hf_source(init_from)
+    ours = model_config(model_cfg)
+    explicit = command_line_model_keys() if explicit is None else set(explicit)
+    given = set(ours) if "*" in explicit else explicit & set(ours)
+    wrong = [f"model.{k}={ours[k]!r} (the source has {source.model[k]!r})" for k in sorted(given)
+             if k not in MAY_DIFFER and ours[k] != source.model[k]]
+    if wrong:
+        raise ValueError(f"train.init_from={init_from} is a Hugging Face {source.declared}: the model config comes "
+                         f"from its config.json, and the command line contradicts it: {'; '.join(wrong)}. Drop "
+                         f"{'the model group choice' if '*' in explicit else 'those overrides'} (only model.image_size "
+                         "may differ: the position embedding is resized), or start from another model")
+    return {**source.model, **{k: ours[k] for k in MAY_DIFFER if k in given}}
+
+
 def init_from(src, model, pfc, with_centers: bool, identity: dict) -> str:
-    """Start a new run from another run's weights (the paper's 224 -> 336 fine-tune): its backbone (a learned
-    position embedding resized to the new grid) and, with `with_centers`, its class centers re-split over this
-    world size; optimizers start fresh. Returns a one-line description."""
-    src = find_checkpoint(src)
+    """Start a new run from another run's weights (the paper's 224 -> 336 fine-tune), or from a Hugging Face vision
+    model (MLCDVisionModel, CLIPVisionModel[WithProjection], a CLIPModel's vision tower): its backbone (a learned
+    position embedding resized to the new grid) and, for our runs with `with_centers`, its class centers re-split
+    over this world size (a Hugging Face model has none: they start fresh); optimizers start fresh. Returns a
+    one-line description."""
+    from mlcd.models.loading import init_source
+
+    kind, src = init_source(src)
+    if kind == "hf":
+        resized, source = init_backbone_from_hf(model, src, identity["model"])
+        return (f"initialised from Hugging Face {source.declared} {src} (backbone"
+                f"{', resized ' + ', '.join(resized) if resized else ''}; class centers start fresh: it has none)")
     resized = init_backbone_from(model, src, identity["model"])
     if with_centers:
         manifest = read_manifest(src)
@@ -146,22 +210,41 @@ def init_from(src, model, pfc, with_centers: bool, identity: dict) -> str:
             f"{', class centers' if with_centers else ''})")
 
 
-def init_backbone_from(model: torch.nn.Module, ckpt_dir, model_cfg: dict) -> list[str]:
-    """Load another run's backbone into `model`. The architecture must match in everything but `image_size` and
-    the `name` label (an error names the field otherwise). Returns the resized keys."""
+def _check_same_model(theirs: dict, ours: dict, src) -> None:
+    for key in sorted(set(theirs) | set(ours)):
+        if key not in MAY_DIFFER and theirs.get(key) != ours.get(key):
+            raise ValueError(f"train.init_from={src}: model.{key} is {theirs.get(key)!r} there but "
+                             f"{ours.get(key)!r} in the config (only image_size may differ)")
+
+
+def _load_resized(model: torch.nn.Module, state: dict) -> list[str]:
     from mlcd.models.vit import resize_pos_embed
 
-    manifest = read_manifest(ckpt_dir)
-    for key in sorted(set(manifest["model"]) | set(model_cfg)):
-        if key not in ("image_size", "name") and manifest["model"].get(key) != model_cfg.get(key):
-            raise ValueError(f"train.init_from={ckpt_dir}: model.{key} is {manifest['model'].get(key)!r} there but "
-                             f"{model_cfg.get(key)!r} in the config (only image_size may differ)")
-    state, resized = load_backbone_weights(ckpt_dir), []
+    resized = []
     if "positional_embedding" in state and state["positional_embedding"].shape != model.positional_embedding.shape:
         state["positional_embedding"] = resize_pos_embed(state["positional_embedding"], model.grid, model.grid)
         resized.append("positional_embedding")
     load_full_state(model, None, state, None)
     return resized
+
+
+def init_backbone_from(model: torch.nn.Module, ckpt_dir, model_cfg: dict) -> list[str]:
+    """Load another run's backbone into `model`. The architecture must match in everything but `image_size` and
+    the `name` label (an error names the field otherwise). Returns the resized keys."""
+    _check_same_model(read_manifest(ckpt_dir)["model"], model_cfg, ckpt_dir)
+    return _load_resized(model, load_backbone_weights(ckpt_dir))
+
+
+def init_backbone_from_hf(model: torch.nn.Module, hf_dir, model_cfg: dict):
+    """Load a Hugging Face vision model's weights into `model` (fp32), under the same rule as init_backbone_from.
+    Returns (resized keys, the source's HFSource)."""
+    from mlcd.models import model_config
+    from mlcd.models.hf import from_hf_state_dict, hf_source, read_hf_weights
+
+    source = hf_source(hf_dir)
+    _check_same_model(source.model, model_config(model_cfg), hf_dir)
+    state = {k: v.float() for k, v in from_hf_state_dict(source.model, read_hf_weights(hf_dir)).items()}
+    return _load_resized(model, state), source
 
 
 # ---------------------------------------------------------------------------------------------- center shards

@@ -141,7 +141,8 @@ class TrainStream:
             d.train_shards, d.labels_dir, batch_size=self.per_rank_batch, num_workers=d.num_workers,
             image_size=self.image_size, seed=derive_seed(self.cfg.seed, "data", segment_start), k=d.get("num_labels"),
             shuffle_buffer=d.shuffle_buffer, on_bad_labels=d.on_bad_labels, resampled=d.resampled,
-            scale=tuple(d.crop_scale), ratio=tuple(d.crop_ratio), hflip=d.hflip, interpolation=d.interpolation)
+            scale=tuple(d.crop_scale), ratio=tuple(d.crop_ratio), hflip=d.hflip, interpolation=d.interpolation,
+            decode=d.get("decode", "cpu"))  # gpu: images decoded on this process's device (current CUDA device)
         self.it = iter(self.loader)
 
     def _fold_counts(self, sign: int):
@@ -192,6 +193,9 @@ def train(cfg) -> dict:
     device = dist.init()
     world = dist.world_size()
     t = cfg.train
+    if t.init_from:  # a Hugging Face source gives the model config; a source that is neither kind is refused here
+        cfg.model = checkpoint.init_model_config(t.init_from, cfg.model, resuming=checkpoint.resolve_resume(
+            t.resume, Path(cfg.out_dir) / "checkpoints") is not None)
     precision = resolve_precision(t.precision, device)
     check_sharding(t.sharding, world)
     wandb_mode = resolve_wandb_mode(cfg.logging.wandb.mode)
