@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup test demo ablate rounds bench gpu-check fashion-mnist clean rehearsal
+.PHONY: setup test test-bench demo ablate rounds bench gpu-check fashion-mnist clean rehearsal
 
 setup: $(STAMP) fashion-mnist
 
@@ -25,8 +25,13 @@ fashion-mnist:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
 	fi
 
+# make test: CI's command (everything but the bench scripts' own end-to-end tests);
+# make test-bench: the bench scripts' small modes (bench/rehearsal.py, bench/adapt.py), ~4 min.
 test: setup
-	$(VPY) -m pytest -q -ra
+	$(VPY) -m pytest -q -ra -m "not bench"
+
+test-bench: setup
+	$(VPY) -m pytest -q -ra -m bench
 
 demo: setup
 	$(VPY) -m mlcd.demo

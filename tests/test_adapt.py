@@ -297,6 +297,7 @@ def test_export_like_refuses_a_model_not_adapted_from_the_source(sources, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.bench
 def test_bench_small_mode_runs_the_recipe_and_resumes(tmp_path):
     """bench/adapt.py --small: every stage of the recipe as a command line, a complete report; run again, every
     stage is skipped; other settings on the same root are refused."""

@@ -19,6 +19,7 @@ def _run(work: Path, out: Path, timeout: int) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.bench
 def test_rehearsal_small(tmp_path):
     work, out = tmp_path / "work", tmp_path / "rehearsal.json"
     _run(work, out, timeout=540)
