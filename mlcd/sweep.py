@@ -53,8 +53,8 @@ def job_out_dir(cfg) -> str:
     return cfg.out_dir
 
 
-def fingerprint(cfg) -> dict:
-    """The resolved config as flat key -> value, without the settings a resume may change."""
+def flatten(cfg) -> dict:
+    """The resolved config as flat dotted key -> value."""
     flat = {}
 
     def walk(node, prefix):
@@ -64,8 +64,13 @@ def fingerprint(cfg) -> dict:
         else:
             flat[prefix[:-1]] = node
     walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return {k: v for k, v in flat.items() if not any(k == m or (m.endswith(".") and k.startswith(m))
-                                                     for m in MAY_CHANGE)}
+    return flat
+
+
+def fingerprint(cfg) -> dict:
+    """The resolved config as flat key -> value, without the settings a resume may change."""
+    return {k: v for k, v in flatten(cfg).items() if not any(k == m or (m.endswith(".") and k.startswith(m))
+                                                             for m in MAY_CHANGE)}
 
 
 def check_same_settings(run_dir, cfg) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+
+from mlcd.sweep import flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCH = 389_737_314          # LAION-400M images the paper counts (§4.1 "LAION-400M"; 32 epochs = 12.47B samples)
@@ -89,16 +90,12 @@ SAME_AS_DEMO_ALLOWED = {"train": set(), "cluster": set()}
 def compose_flat(tree: str, overrides: list[str], configs: Path = ROOT / "configs") -> dict:
     with initialize_config_dir(str(configs / tree), version_base=None):
         cfg = compose(config_name="train" if tree == "train" else "cluster", overrides=overrides)
-    flat = {}
+    return flatten(cfg)
 
-    def walk(node, prefix):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}{k}.")
-        else:
-            flat[prefix[:-1]] = node
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
+
+def assert_matches(cfg: dict, want: dict) -> None:
+    wrong = {k: (cfg.get(k, "<unset>"), v, src) for k, (v, src) in want.items() if cfg.get(k, "<unset>") != v}
+    assert not wrong, "\n".join(f"{k}: {got!r}, paper {v!r} ({src})" for k, (got, v, src) in wrong.items())
 
 
 def expected(common: dict, specific: dict) -> dict:
@@ -109,8 +106,7 @@ def expected(common: dict, specific: dict) -> dict:
 def test_train_preset_is_the_paper_recipe(preset):
     cfg = compose_flat("train", [f"experiment={preset}"])
     want = expected(TRAIN_COMMON, TRAIN_PRESETS[preset])
-    wrong = {k: (cfg.get(k, "<unset>"), v, src) for k, (v, src) in want.items() if cfg.get(k, "<unset>") != v}
-    assert not wrong, "\n".join(f"{k}: {got!r}, paper {v!r} ({src})" for k, (got, v, src) in wrong.items())
+    assert_matches(cfg, want)
     name = cfg["model.name"]
     if name in MODELS:
         got = tuple(cfg[f"model.{k}"] for k in ("patch_size", "width", "layers", "heads", "embed_dim"))
@@ -121,8 +117,7 @@ def test_train_preset_is_the_paper_recipe(preset):
 def test_cluster_preset_is_the_paper_clustering(preset):
     cfg = compose_flat("cluster", [f"experiment={preset}"])
     want = expected(CLUSTER_COMMON, CLUSTER_PRESETS[preset])
-    wrong = {k: (cfg.get(k, "<unset>"), v, src) for k, (v, src) in want.items() if cfg.get(k, "<unset>") != v}
-    assert not wrong, "\n".join(f"{k}: {got!r}, paper {v!r} ({src})" for k, (got, v, src) in wrong.items())
+    assert_matches(cfg, want)
 
 
 def values_from_the_demo(tree: str, preset: str, configs: Path = ROOT / "configs") -> dict:
