@@ -294,7 +294,11 @@ def plan(cfg, world_size: int, gpu: str = "a100-80gb", mfu: float = 0.4, num_lab
         steps = int(t.total_steps)
         time = {"compute_step_s": step_s, "compute_days": step_s * steps / 86400,
                 "achieved_mfu": mfu * step_flops / hw_flops}
-        if str(cfg.data.get("source", "shards")) != "synthetic":     # synthetic batches decode nothing
+        gpu_decode = str(cfg.data.get("decode", "cpu")) == "gpu" and not loader_rate
+        if gpu_decode:  # the GPU decodes: its rate is measured by make gpu-check, not known here
+            time["loader_note"] = ("data.decode=gpu: the loader's rate is the GPU decoder's, not measured here; "
+                                   "make gpu-check measures it, pass it as loader_rate=")
+        elif str(cfg.data.get("source", "shards")) != "synthetic":     # synthetic batches decode nothing
             rate, rate_source = (float(loader_rate), "loader_rate") if loader_rate else loader_rate_per_worker()
             workers = int(cfg.data.num_workers)
             needed, fed = G / world_size / step_s, max(workers, 1) * rate
@@ -396,6 +400,8 @@ def format_table(p: dict) -> str:
             lines.append(loader_warning(p))
         lines.append(f"  days: {tm['days']:.1f}, {'loader' if ld['bound'] else 'compute'}-bound (compute-bound "
                      f"{tm['compute_days']:.1f}, loader-bound {tm['loader_days']:.1f})")
+    if tm and tm.get("loader_note"):
+        lines.append(f"  loader: {tm['loader_note']}")
     lines.append(f"  verdict: {p['verdict']}")
     return "\n".join(lines)
 
@@ -407,7 +413,7 @@ def loader_warning(p: dict) -> str:
             f"{ld['available_per_gpu']:,.0f} of the {ld['needed_per_gpu']:,.0f} img/s per GPU the compute needs, so "
             f"{c['total_steps']:,} steps take {tm['loader_days']:.1f} days, not {tm['compute_days']:.1f}; it takes "
             f"data.num_workers={ld['workers_needed']} at this rate (CPU cores per GPU allowing; measure yours with "
-            f"bench/data.py and pass loader_rate=)")
+            f"bench/data.py and pass loader_rate=), or data.decode=gpu to decode on the GPU")
 
 
 def parse_args(argv):

@@ -307,3 +307,13 @@ if __name__ == "__main__":   # the torchrun worker of the two-rank test: train, 
     peak = _measure_train(sys.argv[1:])
     rank = int(os.environ["RANK"])
     (Path(os.environ["PEAK_DIR"]) / f"peak-rank{rank}.json").write_text(json.dumps({"rank": rank, "bytes": peak}))
+
+
+def test_gpu_decode_is_not_judged_by_the_cpu_workers_rate():
+    """data.decode=gpu: the PIL workers' rate says nothing about the GPU decoder; the plan says so instead of warning,
+    and a measured loader_rate= judges it again."""
+    p = plan(load_config(["experiment=laion400m_vitb32", "data.decode=gpu"]), 80)
+    assert p["loader"] is None and "make gpu-check" in p["time"]["loader_note"]
+    assert p["time"]["days"] == p["time"]["compute_days"]
+    measured = plan(load_config(["experiment=laion400m_vitb32", "data.decode=gpu"]), 80, loader_rate=100.0)
+    assert measured["loader"]["bound"] and "loader_note" not in measured["time"]
