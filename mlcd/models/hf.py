@@ -26,8 +26,8 @@ import torch
 from mlcd import fileio
 from mlcd.data.transforms import CLIP_MEAN, CLIP_STD
 from mlcd.models import build_model, model_config
+from mlcd.models.vit import ROPE_THETA
 
-ROPE_THETA = 10000.0
 _ACTS = ("gelu", "quick_gelu")
 # Checkpoint entries that carry no weights of the vision tower (a full CLIPModel, old buffers).
 _IGNORED_PREFIXES = ("text_model.", "text_projection.", "logit_scale")
