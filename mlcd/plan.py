@@ -74,7 +74,7 @@ LOADER_BENCH = Path(__file__).resolve().parents[1] / "bench" / "results" / "data
 # Used when LOADER_BENCH is missing: images/s of one DataLoader worker, bench/results/data.json when copied
 # (bench/data.py: webdataset shards of 500x375 q90 JPEGs -> RandomResizedCrop 224 bicubic + flip + normalize,
 # best of 8 rounds on a shared 2-core x86 CPU, torch 2.14, Pillow 13).
-LOADER_RATE_MEASURED = 123.2
+LOADER_RATE_MEASURED = 199.1
 
 
 # ---------------------------------------------------------------------------------------------- the ViT
