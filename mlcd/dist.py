@@ -160,6 +160,22 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """In-place MAX all-reduce; a no-op at world size 1."""
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order; [obj] at world size 1."""
+    if not is_dist():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def derive_seed(*parts) -> int:
     """A 63-bit seed from a tuple of ints/strings, stable across processes and Python versions: the one way
     every per-rank / per-step / per-worker generator is seeded, so resume reproduces every stream."""

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train import _final_state, _torchrun, _write_dataset
+from helpers import _final_state, _torchrun, _write_dataset
 
 transformers = pytest.importorskip("transformers")
 from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel,  # noqa: E402

@@ -598,7 +598,7 @@ def test_gpu_decode_trains_on_cpu(tmp_path):
     as decode=cpu within the interpolation difference, the corrupt images counted in the log."""
     import webdataset as wds
 
-    from test_train import _compose, _run_inprocess
+    from helpers import _compose, _run_inprocess
 
     shard_dir, labels_dir = tmp_path / "shards", tmp_path / "labels"
     shard_dir.mkdir()

@@ -16,7 +16,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from test_train import _write_dataset  # noqa: E402
+from helpers import _write_dataset  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "golden" / "demo_20_steps.json"
 OVERRIDES = {"train.total_steps": 20, "train.global_batch_size": 32, "train.ckpt_every": 10, "data.segment_steps": 10,

@@ -7,15 +7,21 @@
       centers-rank00000.pt     this rank's class-center shard + its optimizer state (sparse AdamW moments)
       rng-rank00000.pt         this rank's RNG streams (restored only at the same world size)
 
-A directory named `step-*` is complete by construction (the rename happens after every rank wrote and rank 0
-wrote the manifest); `.tmp-*` leftovers from a killed run are ignored and replaced.
+A directory named `step-*` is complete by construction: every file is fsynced, then rank 0 writes the manifest
+(last), renames the directory into place and fsyncs its parent, so neither a killed process nor a lost node leaves
+a `step-*` that reads back incomplete; `.tmp-*` leftovers are ignored and replaced. A failed write raises one
+CheckpointWriteError on every rank naming the step, the rank, the file and the OS's reason (e.g. ENOSPC).
 
 Nothing is unpickled as code: the .pt files hold only tensors, numbers, strings and containers and are read with
 torch.load(weights_only=True). A rank resuming at another world size reads only the rows it will hold: the old
 shards are memory-mapped and sliced, so its peak memory is its new shard, not the whole [C, D] matrix.
 """
+import copy
+import os
 import random
+import re
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +34,7 @@ from mlcd.models.loading import BACKBONE, MANIFEST, find_checkpoint, list_checkp
 from mlcd.partial_fc import ShardSpec
 from mlcd.train.sharding import full_state, load_full_state
 
-__all__ = ["save", "restore", "init_from", "init_model_config", "resolve_resume", "find_checkpoint", "list_checkpoints",
+__all__ = ["Checkpointer", "CheckpointWriteError", "save", "restore", "init_from", "init_model_config", "resolve_resume", "find_checkpoint", "list_checkpoints",
            "read_manifest", "load_center_shard", "load_center_states", "reshard", "check_compatible"]
 _MOMENTS = ("exp_avg", "exp_avg_sq", "row_step")
 
@@ -64,33 +70,170 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- save
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written: the message names the step, the rank, the file and the OS's reason."""
+
+
+def _cause(exc: BaseException) -> str:
+    """The OS-level reason behind a failed write. torch.save reports a full disk only as "basic_ios::clear: iostream
+    error" (the OSError is its context when it writes through a Python file), safetensors as "... (os error 28)"."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return f"[Errno {seen.errno}] {os.strerror(seen.errno)}"
+        seen = seen.__cause__ or seen.__context__
+    found = re.search(r"os error (\d+)", str(exc))
+    if found:
+        return f"[Errno {found.group(1)}] {os.strerror(int(found.group(1)))}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _write_file(path: Path, obj) -> None:
+    """One checkpoint file, flushed to disk before the call returns."""
+    if path.name == BACKBONE:
+        save_file(obj, str(path))
+        fileio.fsync(path)
+        return
+    with open(path, "wb") as f:  # a Python file, so a failed write keeps its OSError (and errno) in the chain
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _cpu_copy(obj):
+    """A copy whose tensors own fresh CPU memory: what a background save writes while training goes on. Containers
+    keep their type and a state_dict's `_metadata`, so the file is byte for byte the synchronous save's."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        out = type(obj)((k, _cpu_copy(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = copy.deepcopy(obj._metadata)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj  # numbers, strings: immutable, and shared as in the original so the pickle is the same
+
+
+class _Pending:
+    """One save in flight on this rank: its files (path -> state) and, once written, the error if any."""
+
+    def __init__(self, step: int, tmp: Path, files: dict, manifest: dict):
+        self.step, self.tmp, self.files, self.manifest = step, tmp, files, manifest
+        self.error, self.thread = None, None
+
+    def write(self) -> None:
+        try:
+            for path, obj in self.files.items():
+                try:
+                    _write_file(path, obj)
+                except Exception as e:  # noqa: BLE001 - reported to every rank by Checkpointer._finish
+                    self.error = f"rank {dist.rank()} could not write {path}: {_cause(e)}"
+                    return
+        finally:
+            self.files = None  # free the copy as soon as it is on disk
+
+    def done(self) -> bool:
+        return self.thread is None or not self.thread.is_alive()
+
+
+class Checkpointer:
+    """A run's checkpoint writer: every rank calls each method together (they are collectives).
+
+    save() takes the state at a step boundary (FSDP gathers the backbone to rank 0) and each rank writes its files
+    into .tmp-step-N/, each one fsynced. Finishing is collective: every rank reports whether its writes succeeded.
+    On success rank 0 writes the manifest (the last file: it is what makes a directory complete), renames the
+    directory into place, fsyncs the parent and prunes old checkpoints. On failure every rank raises the same
+    CheckpointWriteError naming which rank failed to write which file and why; the previous checkpoint stays the
+    newest complete one and the partial directory is removed.
+
+    async_save: the state is copied to CPU memory at the step boundary (host memory: one more copy of the
+    backbone, its moments and this rank's centers) and written by a background thread while training goes on.
+    poll(), called at every step boundary, finishes the save once every rank has written (one tiny all-reduce per
+    step while a save is in flight) and raises a failed write there; a save waits for the one before it (at most one
+    in flight); wait() blocks until it is finished (the end of training). The files are the synchronous save's."""
+
+    def __init__(self, root, keep_last: int, async_save: bool = False):
+        self.root, self.keep_last, self.async_save = Path(root), int(keep_last), bool(async_save)
+        self._pending: _Pending | None = None
+
+    def save(self, step: int, backbone: torch.nn.Module, backbone_opt, pfc, center_opt, trainer_state: dict,
+             manifest: dict) -> Path:
+        """`backbone` is the unwrapped model (FSDP-sharded in place or not). Returns the final directory (complete
+        on return when synchronous; after a later poll()/wait() when asynchronous)."""
+        self.wait()
+        tmp = self.root / f".tmp-{step_dir_name(step)}"
+        if dist.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        r = dist.rank()
+        weights, optim_state = full_state(backbone, backbone_opt)
+        files = {_centers_file(tmp, r): {"shard": pfc.state_dict(), "optim": center_opt.state_dict()},
+                 tmp / f"rng-rank{r:05d}.pt": rng_state()}
+        if dist.is_main():
+            files[tmp / BACKBONE] = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+            files[tmp / "trainer.pt"] = {"optim": optim_state, **trainer_state}
+        pending = _Pending(step, tmp, _cpu_copy(files) if self.async_save else files, copy.deepcopy(manifest))
+        self._pending = pending
+        if self.async_save:
+            pending.thread = threading.Thread(target=pending.write, name=f"checkpoint-{step}", daemon=True)
+            pending.thread.start()
+        else:
+            pending.write()
+            self._finish()
+        return self.root / step_dir_name(step)
+
+    def poll(self) -> None:
+        """At a step boundary: finish the save in flight if every rank has written its files (or one has failed)."""
+        if self._pending is None:
+            return
+        p = self._pending
+        not_done, failed = dist.all_reduce_sum(torch.tensor([float(not p.done()), float(p.error is not None)]))
+        if failed or not not_done:
+            self._finish()
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is finished; raises its CheckpointWriteError."""
+        if self._pending is not None:
+            self._finish()
+
+    def _finish(self) -> None:
+        p, self._pending = self._pending, None
+        if p.thread is not None:
+            p.thread.join()
+        self._raise_any(p, p.error)
+        error = None
+        if dist.is_main():
+            try:
+                fileio.fsync(p.tmp)
+                fileio.write_json(p.tmp / MANIFEST, {**p.manifest, "step": p.step, "world_size": dist.world_size(),
+                                                     "time": time.time()})
+                fileio.replace_dir(p.tmp, self.root / step_dir_name(p.step))  # a re-saved step replaces the old one
+            except Exception as e:  # noqa: BLE001
+                error = f"rank 0 could not write {p.tmp / MANIFEST} or rename it into place: {_cause(e)}"
+            else:
+                for old in list_checkpoints(self.root)[:-self.keep_last] if self.keep_last > 0 else []:
+                    shutil.rmtree(old, ignore_errors=True)
+        self._raise_any(p, error)
+
+    def _raise_any(self, p: _Pending, error: str | None) -> None:
+        errors = [e for e in dist.all_gather_object(error) if e]
+        if not errors:
+            return
+        if dist.is_main():
+            shutil.rmtree(p.tmp, ignore_errors=True)  # frees the space a full disk needs back
+        newest = list_checkpoints(self.root)
+        raise CheckpointWriteError(
+            f"checkpoint step {p.step} was not saved: {'; '.join(errors)}. The newest complete checkpoint is "
+            f"{newest[-1] if newest else 'none'} (resume starts there)")
+
+
 def save(ckpt_root, step: int, backbone: torch.nn.Module, backbone_opt, pfc, center_opt,
          trainer_state: dict, manifest: dict, keep_last: int) -> Path:
-    """Collective: every rank calls it (FSDP gathers the backbone to rank 0). `backbone` is the unwrapped model
-    (FSDP-sharded in place or not). Returns the final directory."""
-    root = Path(ckpt_root)
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp-{step_dir_name(step)}"
-    if dist.is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    r = dist.rank()
-    torch.save({"shard": pfc.state_dict(), "optim": center_opt.state_dict()}, _centers_file(tmp, r))
-    torch.save(rng_state(), tmp / f"rng-rank{r:05d}.pt")
-    weights, optim_state = full_state(backbone, backbone_opt)
-    if dist.is_main():
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / BACKBONE))
-        torch.save({"optim": optim_state, **trainer_state}, tmp / "trainer.pt")
-    dist.barrier()
-    if dist.is_main():
-        fileio.write_json(tmp / MANIFEST, {**manifest, "step": step, "world_size": dist.world_size(),
-                                           "time": time.time()})
-        fileio.replace_dir(tmp, final)  # re-saving a step (the final save right after a periodic one) replaces it
-        for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
+    """One synchronous save (tools, benches, tests); training uses a Checkpointer."""
+    return Checkpointer(ckpt_root, keep_last).save(step, backbone, backbone_opt, pfc, center_opt, trainer_state,
+                                                   manifest)
 
 
 # ---------------------------------------------------------------------------------------------- restore

@@ -93,12 +93,12 @@ class MetricsLog:
             return
         if self.path.exists():
             rows = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
-            self.path.write_text("".join(r + "\n" for r in rows))
+            fileio.write_text(self.path, "".join(r + "\n" for r in rows))  # a crash here keeps the old history
         if wandb_mode != "disabled":
             import wandb
             id_file = run_dir / "wandb_id.txt"
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
-            id_file.write_text(run_id)
+            fileio.write_text(id_file, run_id)
             self.wandb = wandb.init(project=cfg.logging.wandb.project, name=cfg.run_name, id=run_id,
                                     resume="allow", dir=str(run_dir), mode=wandb_mode,
                                     config=OmegaConf.to_container(cfg, resolve=True))
@@ -276,12 +276,13 @@ def train(cfg) -> dict:
               TrainStream(cfg, per_rank_batch, model.image_size, t.grad_accum,
                           counters.get("skipped", {}) if dist.is_main() else {}))
 
+    checkpointer = checkpoint.Checkpointer(ckpt_root, t.keep_last, async_save=t.async_ckpt)
+
     def save(step):
         counters["skipped"] = stream.skipped()
         manifest = {**identity, "shards": pfc.shard_spec.to_dict(), "samples_seen": step * t.global_batch_size,
                     "config": OmegaConf.to_container(cfg, resolve=True), "torch": torch.__version__}
-        checkpoint.save(ckpt_root, step, model, backbone_opt, pfc, center_opt, {"counters": counters}, manifest,
-                        t.keep_last)
+        checkpointer.save(step, model, backbone_opt, pfc, center_opt, {"counters": counters}, manifest)
 
     # ---- steps ----
     from tqdm import tqdm
@@ -289,6 +290,7 @@ def train(cfg) -> dict:
                desc="train", dynamic_ncols=True)
     nonfinite_in_row, window_t, window_steps, result = 0, time.time(), 0, None
     for step in range(start_step, t.total_steps):
+        checkpointer.poll()  # an async save finishes (or raises its failed write) at a step boundary
         lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, t.total_steps, cfg.optim.min_lr_ratio)
         set_lr(backbone_opt, lr)
         set_lr(center_opt, lr)
@@ -327,6 +329,7 @@ def train(cfg) -> dict:
         # ---- checkpoint ----
         if (step + 1) % t.ckpt_every == 0 or step + 1 == t.total_steps:
             save(step + 1)
+    checkpointer.wait()
     bar.close()
     metrics.close()
     if dist.is_main() and (run_dir / "metrics.jsonl").exists():
