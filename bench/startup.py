@@ -5,7 +5,7 @@ loader every data.segment_steps steps). Writes bench/results/startup.json.
     python bench/startup.py [--shards 41456] [--repeats 3]
 
 Rebuild cost = (N batches from two loaders of N/2 each) - (N batches from one loader), interleaved per repeat: the
-worker start-up, the shuffle buffer's refill and the prefetched batches thrown away, as TrainStream pays them. The
+worker start-up, the shuffle buffer's refill and the prefetched batches thrown away, as mlcd.data.streams.ShardBatches pays them. The
 paper-scale figure for data.segment_steps is arithmetic from it (see "segment_steps" in the JSON).
 """
 import argparse

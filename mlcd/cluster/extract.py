@@ -99,9 +99,10 @@ def read_captions(url: str) -> dict[str, str]:
 
 
 def _autocast(device, precision: str):
+    """extract.precision (mlcd.validate.PRECISIONS): auto = bf16 on a GPU; the CPU always runs fp32."""
     if device.type != "cuda" or precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+    return torch.autocast("cuda", dtype={"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16}[precision])
 
 
 @torch.no_grad()

@@ -608,7 +608,7 @@ def split_shards(urls, rank: int, world: int, worker: int, num_workers: int) -> 
     return urls[rank::world][worker::num_workers]
 
 
-class _TrainStream(IterableDataset):
+class _TrainSamples(IterableDataset):
     def __init__(self, urls, labels_dir, batch_size, k, seed, rank, world, num_workers, transform,
                  bufsize, resampled, shuffle, on_bad_labels, partial, cache_shards=8, decode="cpu"):
         self.__dict__.update(urls=urls, labels_dir=labels_dir, batch_size=int(batch_size), k=int(k),
@@ -752,7 +752,7 @@ def make_train_loader(urls, labels_dir, batch_size: int, num_workers: int, image
         log.warning("%d shards for %d ranks x %d workers: some streams get no shard", len(urls), world,
                     max(num_workers, 1))
     partial = (not resampled) if partial is None else partial
-    stream = _TrainStream(urls, str(labels_dir), batch_size, k, seed, rank, world, num_workers, transform,
+    stream = _TrainSamples(urls, str(labels_dir), batch_size, k, seed, rank, world, num_workers, transform,
                           shuffle_buffer, resampled, shuffle, on_bad_labels, partial, decode=decode)
     if decode == "cpu":
         return _Loader(stream, num_workers)

@@ -43,8 +43,8 @@ def hf_class(cfg, requested: str | None = None) -> str:
     (WithProjection when it has one) for learned positions; `requested` may pick another that fits.
 
     A RoPE2D model never becomes a CLIP class: CLIPVisionModel has a learned absolute position embedding that
-    nothing in our weights fills, and from_pretrained initialises it randomly with only a log line (measured:
-    the pooled output of an exported bigG then off by 0.44)."""
+    nothing in our weights fills, and from_pretrained initialises it randomly with only a log line, so the
+    features would be silently wrong."""
     cfg = model_config(cfg)
     rope = cfg["pos_embed"] == "rope2d"
     auto = ("MLCDVisionModel" if rope else

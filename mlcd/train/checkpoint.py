@@ -157,6 +157,17 @@ class Checkpointer:
         self.root, self.keep_last, self.async_save = Path(root), int(keep_last), bool(async_save)
         self._pending: _Pending | None = None
 
+    def resume_dir(self, resume) -> Path | None:
+        """train.resume: `auto` -> the newest complete checkpoint here or None; none -> None; else that directory."""
+        return resolve_resume(resume, self.root)
+
+    def restore(self, ckpt_dir, model, backbone_opt, pfc, center_opt, stream, identity: dict) -> dict:
+        """Resume in one call: the backbone and its optimizer, this rank's centers and moments, its RNG streams (see
+        `restore`) and the data stream's state. Returns {"step", "counters", "world_size" (the saved one)}."""
+        restored = restore(ckpt_dir, model, backbone_opt, pfc, center_opt, identity)
+        stream.load_state_dict({"skipped": restored["counters"].get("skipped", {})})
+        return restored
+
     def save(self, step: int, backbone: torch.nn.Module, backbone_opt, pfc, center_opt, trainer_state: dict,
              manifest: dict) -> Path:
         """`backbone` is the unwrapped model (FSDP-sharded in place or not). Returns the final directory (complete
