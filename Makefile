@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup test test-bench demo ablate rounds bench gpu-check fashion-mnist clean rehearsal
+.PHONY: setup test test-fast test-bench demo ablate rounds bench gpu-check fashion-mnist clean rehearsal
 
 setup: $(STAMP) fashion-mnist
 
@@ -26,9 +26,14 @@ fashion-mnist:
 	fi
 
 # make test: CI's command (everything but the bench scripts' own end-to-end tests);
+# make test-fast: the quick tests only (nothing that starts train.py, cluster.py, torchrun or a miniature pipeline;
+# the golden step and the layout checks included), under 2 min on 2 cores;
 # make test-bench: the bench scripts' small modes (bench/rehearsal.py, bench/adapt.py), ~4 min.
 test: setup
 	$(VPY) -m pytest -q -ra -m "not bench"
+
+test-fast: setup
+	$(VPY) -m pytest -q -ra -m "not slow and not bench"
 
 test-bench: setup
 	$(VPY) -m pytest -q -ra -m bench

@@ -10,7 +10,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from pytest import approx
+
+from helpers import PROBE_SEARCH_SMALL as PROBE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +25,7 @@ def _argv(tmp):
             "ablate.train=[train.total_steps=2,train.global_batch_size=16,optim.warmup_steps=1,train.ckpt_every=2,"
             "train.log_every=1,train.progress_bar=false,logging.wandb.mode=disabled,data.num_workers=0,"
             "data.shuffle_buffer=20]",
-            f"ablate.eval=[limit_train=200,limit_test=100,num_workers=0]",
+            f"ablate.eval=[limit_train=200,limit_test=100,num_workers=0,{PROBE}]",
             "ablate.tune.kinds=[mlcd]", "ablate.tune.lr=[1e-3]",
             "ablate.tune.margin=[0.1,0.3]",
             "ablate.tune.monitor=[monitor.every=2,monitor.queries=train,monitor.train_size=100,monitor.test_size=50]",
@@ -71,6 +74,7 @@ def _launch(tmp, log):
                             start_new_session=True)
 
 
+@pytest.mark.slow
 def test_ablate_miniature_kill_and_resume(tmp_path):
     proc = _launch(tmp_path, tmp_path / "first.log")
     deadline = time.time() + 600
@@ -114,9 +118,8 @@ def test_ablate_miniature_kill_and_resume(tmp_path):
     assert len(ledger) == len(list((tmp_path / "runs").glob("k*/*/seed=*/result.json")))
     import shutil
     shutil.rmtree(tmp_path / "runs")
-    proc = subprocess.run([sys.executable, "-m", "mlcd.ablate", *_argv(tmp_path), "ablate.report_only=true"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    from mlcd import ablate
+    ablate.main([*_argv(tmp_path), "ablate.report_only=true"])  # in this process: the command line is tested above
     again = json.loads((tmp_path / "results" / "ablation.json").read_text())
     assert again["groups"] == agg["groups"] and again["tuning"]["best"] == tuning["best"]
     # every k clustered the features extracted once

@@ -207,6 +207,7 @@ def test_adapt_preset(tmp_path):
 
 # ---- the weights a run starts from, and its export ----------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlcd", "clip_proj", "clip_full"])
 def test_run_starts_from_the_source_weights_and_exports_in_its_class(sources, dataset, tmp_path, name, capsys):
     """lr 0: the run's checkpoint holds exactly the source's weights (read back by transformers, the oracle), and

@@ -202,6 +202,7 @@ def _load_all(out, urls, sub="labels"):
     return (np.concatenate([r[1] for r in rows]), np.concatenate([r[2] for r in rows]))
 
 
+@pytest.mark.slow
 def test_kmeans_and_exact_assign_stages(tmp_path):
     urls, _ = _features(tmp_path)
     stems = [Path(u).stem for u in urls]
@@ -227,6 +228,7 @@ def test_kmeans_and_exact_assign_stages(tmp_path):
     assert lman["complete"] and lman["num_classes"] == 48 and lman["rows"] == len(feats)
 
 
+@pytest.mark.slow
 def test_two_level_stage_keeps_the_float16_sample_and_equals_the_float32_run(tmp_path):
     """Two-level k-means reads the float16 feature files without a float32 copy of the sample (half the RAM at
     1M centers), and gives the centers the same run on a float32 copy gives: the sample is only converted
@@ -259,6 +261,7 @@ APPROX = {"ivf": ["assign.nlist=32", "assign.nprobe=2"],
           "hnsw": ["assign.hnsw_m=4", "assign.ef_search=8", "assign.ef_construction=8"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ivf", "hnsw"])
 def test_approx_assign_recall_is_reported_truthfully(tmp_path, method):
     urls, _ = _features(tmp_path, seed=7)

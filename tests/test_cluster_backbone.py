@@ -40,6 +40,7 @@ def _cluster(tmp, out, *extra):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("feature", ["embedding", "pooled"])
 def test_features_from_our_checkpoint_equal_the_probe_features(trained, tmp_path, feature):
     from mlcd.data import fashion_mnist
@@ -62,6 +63,7 @@ def test_features_from_our_checkpoint_equal_the_probe_features(trained, tmp_path
     assert manifest["settings"]["backbone_identity"]["sig"]  # the checkpoint's signature guards a resume
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_fails_before_any_work(trained, tmp_path):
     out = tmp_path / "clu"
     proc = _cluster(trained, out, f"extract.backbone={{type: mlcd, path: {tmp_path / 'nowhere'}}}")

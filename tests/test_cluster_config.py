@@ -45,7 +45,7 @@ BAD = [
     (["assign.recall_sample=-1"], "assign.recall_sample=-1:"),
     (["assign.chunk_size=0"], "assign.chunk_size=0:"),
     (["assign.labels_dir=''"], "assign.labels_dir='':"),
-    (["extract.precision=fp8"], "extract.precision='fp8': must be one of ['bf16', 'fp16', 'fp32']"),
+    (["extract.precision=fp8"], "extract.precision='fp8': must be one of ['auto', 'bf16', 'fp16', 'fp32']"),
     (["extract.fusion=concat"], "extract.fusion='concat': must be one of ['mean']"),
     (["extract.text=yes"], "extract.text='yes':"),
     (["extract.batch_size=0"], "extract.batch_size=0:"),
@@ -74,6 +74,7 @@ def run_cluster(*args):
                           timeout=300, env=env)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["topk_over_k", "no_shards", "bad_mode", "assign_without_centers"])
 def test_refused_before_any_work(tmp_path, case):
     """The process fails naming the setting, and leaves no output dir (no config.yaml, features, centers)."""
@@ -93,6 +94,7 @@ def test_refused_before_any_work(tmp_path, case):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_help_lists_only_cluster_groups():
     """cluster.py has its own config tree: --help shows its experiments, not train.py's model/loss/optim/data."""
     proc = run_cluster("--help")
@@ -130,6 +132,7 @@ def test_laion_presets(name, model):
         assert str(Path(cfg.out_dir) / "labels") == train.data.labels_dir
 
 
+@pytest.mark.slow
 def test_a_failed_extract_start_does_not_refuse_the_corrected_command(tmp_path):
     """extract.model=<typo> fails after the features manifest is written; with no feature file written yet, that
     manifest binds nothing, so the corrected command runs (a finished shard still guards its settings)."""

@@ -104,6 +104,7 @@ def reference(tmp_path_factory):
     return tmp, out
 
 
+@pytest.mark.slow
 def test_reference_run_outputs(reference):
     tmp, out = reference
     fman = json.loads((out / "features" / "manifest.json").read_text())
@@ -126,6 +127,7 @@ def test_reference_run_outputs(reference):
         assert (labels == ref).mean() > 0.95  # exact search (ties aside) = NumPy brute force
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_is_byte_identical(reference):
     tmp, ref = reference
     out = tmp / "killed"

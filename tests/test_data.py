@@ -98,6 +98,7 @@ def test_folder_keys_unique_when_sanitised_names_collide(tmp_path):
     assert m["total"] == 4
 
 
+@pytest.mark.slow
 def test_table_sources_and_cli(tmp_path):
     files = make_folder(tmp_path / "imgs", n_per_class=3)
     rels = sorted(files)
@@ -128,6 +129,7 @@ def test_table_sources_and_cli(tmp_path):
     assert out.returncode == 0 and "--max-per-shard" in out.stdout and "fashion_mnist" in out.stdout
 
 
+@pytest.mark.slow
 def test_fashion_mnist_to_shards(tmp_path):
     """Fashion-MNIST test split (10k) -> shards; .cls kept. ('all' = 70k: 10.8 s CPU, 29-32 s wall on the shared
     2-core machine, over the ~20 s budget, so the test converts the test split; `make demo` converts train.)"""
@@ -446,6 +448,7 @@ SAME_BOX_MEAN_ABS_FLOAT = 0.005
 SAME_BOX_MAX_ABS = 0.25     # ~16 grey levels: one pixel at a crop border, where PIL reads pixels outside the box
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_gpu_decode_gives_the_cpu_paths_batches(jpeg_shards, num_workers):
     """Same seed: the same samples in the same batches with the same boxes and flips (the worker draws them from
@@ -522,6 +525,7 @@ def test_gpu_decode_for_a_fixed_box_matches_pil(resize_uint8):
     assert float(interior.max()) < 0.05
 
 
+@pytest.mark.slow
 def test_gpu_decode_boxes_follow_the_cpu_paths_distribution():
     """The boxes decode=gpu's workers draw (prepare_encoded on JPEG headers) vs torchvision's RandomResizedCrop
     sampler (an independent implementation, torch's RNG): two-sample KS tests on area fraction, log aspect ratio
@@ -593,6 +597,7 @@ def test_prepare_encoded_routes_each_kind_of_image():
         make_train_loader([], ".", 4, 0, 8, seed=0, decode="nvjpeg")
 
 
+@pytest.mark.slow
 def test_gpu_decode_trains_on_cpu(tmp_path):
     """train.py's loop with data.decode=gpu on the CPU (in process, as tests/test_train.py runs it): the same losses
     as decode=cpu within the interpolation difference, the corrupt images counted in the log."""

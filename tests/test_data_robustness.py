@@ -157,6 +157,7 @@ def test_skip_policy_counts_every_skip_exactly(bad, num_workers, decode):
         assert all(n == 4 for n in sizes[:-1]) and 0 < sizes[-1] <= 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decode", ["cpu", "gpu"])
 def test_resampled_stream_keeps_going_over_bad_shards(bad, decode):
     sd, ld, good, counts = bad
@@ -293,6 +294,7 @@ def _check(loader, expected: dict, total=N_ACC):
     assert loader.skip_counts() == sums
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS)
 def test_every_cut_of_a_tar_is_accounted_for(tmp_path, path):
     layout = _intact(tmp_path / "intact.tar")

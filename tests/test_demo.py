@@ -5,27 +5,30 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from helpers import PROBE_SEARCH_SMALL as PROBE
 from mlcd.data.labels import read_shard_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_demo_pipeline_miniature(tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
     argv = [
-        f"demo.data_dir={data}", f"demo.run_dir={run}", "demo.limit=300", "demo.max_per_shard=100",
+        f"demo.data_dir={data}", f"demo.run_dir={run}", "demo.limit=200", "demo.max_per_shard=100",
         "demo.cluster_overrides=[kmeans.k=16,assign.topk=4,extract.batch_size=100,extract.num_workers=0]",
         "demo.train_overrides=[train.total_steps=4,train.global_batch_size=32,train.ckpt_every=2,"
         "train.log_every=1,data.num_workers=0,data.shuffle_buffer=50,logging.wandb.mode=disabled]",
-        f"demo.eval_overrides=[limit_train=300,limit_test=200,cache_dir={tmp_path / 'cache'},num_workers=0]",
+        f"demo.eval_overrides=[limit_train=200,limit_test=100,cache_dir={tmp_path / 'cache'},num_workers=0,{PROBE}]",
     ]
     proc = subprocess.run([sys.executable, "-m", "mlcd.demo", *argv], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     shards = json.loads((data / "shards" / "manifest.json").read_text())
-    assert shards["total"] == 300 and len(shards["shards"]) == 3
+    assert shards["total"] == 200 and len(shards["shards"]) == 2
     shard_keys = {}
     for s in shards["shards"]:
         stem = s["name"].removesuffix(".tar")
@@ -35,7 +38,7 @@ def test_demo_pipeline_miniature(tmp_path):
         assert all(len(set(row)) == 4 for row in labels.tolist())  # top-4 distinct centers
         assert np.all(np.diff(sims, axis=1) <= 1e-6)  # sorted by decreasing similarity
         shard_keys[stem] = keys
-    assert sum(len(k) for k in shard_keys.values()) == 300
+    assert sum(len(k) for k in shard_keys.values()) == 200
     centers = np.load(data / "cluster" / "centers.npy")
     assert centers.shape[0] == 16 and np.allclose(np.linalg.norm(centers, axis=1), 1, atol=1e-4)
     assert json.loads((data / "cluster" / "labels" / "manifest.json").read_text())["num_classes"] == 16

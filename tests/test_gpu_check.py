@@ -25,6 +25,7 @@ def _run(*args, env=None):
                           timeout=900, env={**(env or os.environ), "PYTHONPATH": str(ROOT)})
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(HAS_CUDA, reason="a CUDA machine runs the real check")
 def test_without_cuda_it_says_so_and_exits_0(tmp_path):
     r = _run("--out", str(tmp_path / "gpu.json"))
@@ -47,6 +48,7 @@ def test_smoke_runs_every_check_on_the_cpu(tmp_path):
     assert checks["throughput"]["images_per_s"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_gpu_check_passes_on_this_gpu(tmp_path):
     r = _run("--out", str(tmp_path / "gpu.json"), env=GPU_ENV)

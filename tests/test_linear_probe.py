@@ -35,6 +35,7 @@ def _fit_score(tr, va, te, c, lam):
     return (clf.predict(te[0]) == te[1]).mean() * 100, clf
 
 
+@pytest.mark.slow
 def test_separable_data_is_solved_with_weak_penalty_and_noisy_data_gets_a_strong_one():
     # clean, well-separated, many samples per dimension
     tr, va, te = _blobs(d=16, c=4, n_train=600, sep=3.0, noise=0.2, flip=0.0, seed=0)
@@ -79,6 +80,7 @@ def test_fit_matches_sklearn_objective_and_gradient_tolerance():
     np.testing.assert_allclose(p_ours, sk.predict_proba(x), atol=2e-3)
 
 
+@pytest.mark.slow
 def test_fashion_mnist_pixels_match_sklearn():
     """Identity backbone on Fashion-MNIST pixels (Debian package): our probe vs scikit-learn at the same
     fixed C on the same standardised features. Train subset: a stratified 5,000 of 60,000 (sklearn's
@@ -262,6 +264,7 @@ def test_unknown_dataset_name_fails_before_any_work(tmp_path, monkeypatch):
         evaluate({"type": "pixels"}, [{"name": "cifar10", "metric": "top5"}], verbose=False)
 
 
+@pytest.mark.slow
 def test_entry_script_writes_results_then_exits_nonzero_on_a_failed_dataset(tmp_path):
     _image_folder(tmp_path / "colours")
     cmd = [sys.executable, "eval_linear_probe.py", "backbone.type=pixels", "backbone.image_size=8",
@@ -275,6 +278,7 @@ def test_entry_script_writes_results_then_exits_nonzero_on_a_failed_dataset(tmp_
     assert res["failed"][0]["dataset"] == "flowers"         # the old name, stored as CLIP_benchmark's
 
 
+@pytest.mark.slow
 def test_random_vit_backbone_features_and_fashion_mnist_run(tmp_path):
     """Our ViT at random init (vit_tiny): each feature choice is what the model returns."""
     pytest.importorskip("mlcd.models")
@@ -299,6 +303,7 @@ def test_random_vit_backbone_features_and_fashion_mnist_run(tmp_path):
     assert 0.3 < r["metrics"]["lp_acc1"] <= 1      # random features are far above chance (10%)
 
 
+@pytest.mark.slow
 def test_open_clip_features_agree_with_open_clip_forward():
     """Our pooled/embedding split of open_clip's ViT reproduces its own encode path."""
     open_clip = pytest.importorskip("open_clip")
@@ -419,6 +424,7 @@ def test_fit_reaches_the_optimum_at_small_lam(lam):
     assert capped.info["stop"] == "max_iter" and capped.n_iter == 3
 
 
+@pytest.mark.slow
 def test_probe_needs_no_private_torch_api():
     """torch.optim.lbfgs._strong_wolfe is private and may vanish: the probe must work without it."""
     code = ("import torch.optim.lbfgs as l; del l._strong_wolfe\n"

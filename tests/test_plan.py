@@ -30,6 +30,7 @@ TOLERANCE = 0.15
 
 
 # ---------------------------------------------------------------------------------------------- the ViT
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_params_and_flops_match_the_built_model(name):
     from torch.utils.flop_counter import FlopCounterMode
@@ -131,14 +132,14 @@ def test_checkpointing_recompute_is_in_step_time():
 
 
 def test_loader_bound_b32_on_80_gpus(capsys):
-    """B/32 on 80 GPUs consumes ~4,555 img/s per GPU; 8 workers at the measured ~123 img/s feed ~986: loader-bound
-    by ~4.6x, and the days are the loader's."""
+    """B/32 on 80 GPUs consumes ~4,555 img/s per GPU; 8 workers at the measured ~199 img/s feed ~1,593: loader-bound
+    by ~2.9x, and the days are the loader's."""
     rate, source = planner.loader_rate_per_worker()
     assert source == "bench/results/data.json" and rate == planner.LOADER_RATE_MEASURED   # the copy is current
     p = planner.main(["experiment=laion400m_vitb32", "world_size=80"])
     ld, tm = p["loader"], p["time"]
     assert ld["needed_per_gpu"] == pytest.approx(4_555, abs=1) and ld["available_per_gpu"] == 8 * rate
-    assert ld["bound"] and ld["factor"] == pytest.approx(4_555 / (8 * rate), rel=1e-3) and 4.5 < ld["factor"] < 4.7
+    assert ld["bound"] and ld["factor"] == pytest.approx(4_555 / (8 * rate), rel=1e-3) and 2.8 < ld["factor"] < 3.0
     assert tm["days"] == tm["loader_days"] == pytest.approx(tm["compute_days"] * ld["factor"])
     assert tm["images_per_s"] == pytest.approx(80 * 8 * rate)
     out = capsys.readouterr().out
@@ -156,6 +157,7 @@ def test_loader_rate_override_and_fallback(capsys, monkeypatch):
     assert planner.loader_rate_per_worker()[0] == planner.LOADER_RATE_MEASURED
 
 
+@pytest.mark.slow
 def test_cli_help_and_unknown_keys():
     def run(*args):
         return subprocess.run([sys.executable, "-m", "mlcd.plan", *args], cwd=ROOT, capture_output=True, text=True,
@@ -173,6 +175,7 @@ def test_cli_help_and_unknown_keys():
     assert load_config(["+train.extra=1"]).train.extra == 1                 # hydra's + still adds a key
 
 
+@pytest.mark.slow
 def test_cli_table_json_and_error(tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "mlcd.plan", *args], cwd=ROOT, capture_output=True, text=True,
@@ -269,6 +272,7 @@ def data(tmp_path_factory):
     return _write_data(tmp_path_factory.mktemp("plan_data"), size=32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_planned_peak_matches_a_measured_run(name, data, tmp_path):
     overrides = _run_overrides(data, tmp_path / "run", CONFIGS[name])

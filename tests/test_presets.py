@@ -154,6 +154,7 @@ def test_a_demo_value_in_a_preset_is_caught(tmp_path):
         "data.crop_scale": [0.7, 1.0], "data.segment_steps": 175}
 
 
+@pytest.mark.slow
 def test_presets_honour_wandb_mode(monkeypatch):
     from mlcd.train.loop import resolve_wandb_mode
     for preset in TRAIN_PRESETS:

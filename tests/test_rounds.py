@@ -17,6 +17,7 @@ import pytest
 from omegaconf import OmegaConf
 from sklearn.metrics import adjusted_mutual_info_score
 
+from helpers import PROBE_SEARCH_SMALL as PROBE
 from mlcd import rounds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def _argv(tmp: Path, root: str, train=TRAIN) -> list[str]:
             "rounds.max_per_shard=100", "rounds.num_rounds=2", "rounds.nproc=1",
             "rounds.cluster=[kmeans.k=12,assign.topk=4,extract.batch_size=100,extract.num_workers=0,kmeans.niter=5]",
             f"rounds.train=[{','.join(train)}]",
-            f"rounds.eval=[limit_train=200,limit_test=100,num_workers=0,cache_dir={tmp / 'cache'}]"]
+            f"rounds.eval=[limit_train=200,limit_test=100,num_workers=0,cache_dir={tmp / 'cache'},{PROBE}]"]
 
 
 def _launch(argv, log: Path):
@@ -53,6 +54,7 @@ def _follow(a: np.ndarray, b: np.ndarray) -> float:
     return sum(np.bincount(b[a == v]).max() for v in np.unique(a)) / len(a)
 
 
+@pytest.mark.slow
 def test_rounds_miniature_killed_resumed_and_its_control(tmp_path):
     # a run killed once round 0 finished, then re-run: round 0 is not redone and round 1 builds on it
     run = tmp_path / "run"
@@ -133,6 +135,7 @@ def test_rounds_miniature_killed_resumed_and_its_control(tmp_path):
     assert c1["top1_changed_after_majority_mapping"] == 0 and c1["knn_top1"] is not None
 
 
+@pytest.mark.slow
 def test_bad_init_checkpoint_fails_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match=r"rounds\.init_from=.*nowhere.*neither a checkpoint nor a run dir"):
         rounds.main([*_argv(tmp_path, "r"), f"rounds.init_from={tmp_path / 'nowhere'}"])

@@ -43,6 +43,7 @@ def test_help_prints_usage_and_defaults_and_does_nothing(runner, flag, tmp_path,
     assert list(tmp_path.iterdir()) == []  # nothing made: no data/, runs/, nor the overridden out dirs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_help_as_a_command_exits_0_at_once(runner, tmp_path):
     t0 = time.time()
@@ -69,6 +70,7 @@ def test_misspelled_key_is_refused_before_any_work(runner, tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []  # refused before any work: no out dir was made
 
 
+@pytest.mark.slow
 def test_misspelled_key_as_a_command_exits_nonzero_naming_it(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mlcd.demo", *_outs("demo", tmp_path), "demo.limt=100"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=60,

@@ -29,6 +29,7 @@ def reference_run(dataset, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_rank_run_loss_falls(reference_run):
     rows = [json.loads(l) for l in (reference_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(2, 13, 2))
@@ -46,6 +47,7 @@ def test_two_rank_run_loss_falls(reference_run):
     assert manifest["samples_seen"] == 12 * 16
 
 
+@pytest.mark.slow
 def test_kill9_then_resume_is_bitwise_exact(dataset, reference_run, tmp_path):
     # 0.4 s per step after the math: the 8 steps after the first checkpoint take >= 3.2 s, so the kill below
     # lands in steps 5..8 however fast the machine is
@@ -75,6 +77,7 @@ def test_kill9_then_resume_is_bitwise_exact(dataset, reference_run, tmp_path):
     assert steps == list(range(2, 13, 2))
 
 
+@pytest.mark.slow
 def test_workers_exit_when_torchrun_is_killed(tmp_path):
     """kill -9 of torchrun alone (its workers live in sessions of their own) must not leave them training on into
     the run directory that a re-run resumes into."""
@@ -98,6 +101,7 @@ def test_workers_exit_when_torchrun_is_killed(tmp_path):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("new_world", [1, 3])
 def test_resume_at_other_world_size_reshards(dataset, reference_run, tmp_path, new_world):
     from mlcd.train import checkpoint
@@ -130,6 +134,7 @@ def test_resume_at_other_world_size_reshards(dataset, reference_run, tmp_path, n
 
 # ---- in-process (world size 1) checks of the step function ------------------------------------------
 
+@pytest.mark.slow
 def test_grad_accumulation_matches_big_batch(dataset, tmp_path):
     """2 micro-batches of 8 give the same update as 1 batch of 16 (r = 1: no sampling difference)."""
     common = {"train.total_steps": 1, "train.ckpt_every": 1, "loss.sample_ratio": 1.0, "train.deterministic": False}
@@ -148,6 +153,7 @@ def test_grad_accumulation_matches_big_batch(dataset, tmp_path):
     assert torch.allclose(_full_centers(sh_a), _full_centers(sh_b), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_skips_step_and_aborts_after_n_in_a_row(dataset, tmp_path, monkeypatch):
     import mlcd.train.loop as loop
 
@@ -174,6 +180,7 @@ def test_nonfinite_loss_skips_step_and_aborts_after_n_in_a_row(dataset, tmp_path
                                                               "train.max_nonfinite_in_row": 2}))
 
 
+@pytest.mark.slow
 def test_checkpoint_mismatch_is_an_error_naming_the_field(dataset, reference_run, tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -189,6 +196,7 @@ def test_checkpoint_mismatch_is_an_error_naming_the_field(dataset, reference_run
         _run_inprocess(_compose(dataset, run, **{"model.layers": 3, "train.total_steps": 14}))
 
 
+@pytest.mark.slow
 def test_export_hf_of_trained_checkpoint_loads_in_transformers(reference_run, tmp_path):
     from transformers import CLIPVisionModelWithProjection
 
@@ -207,6 +215,7 @@ def test_export_hf_of_trained_checkpoint_loads_in_transformers(reference_run, tm
     assert torch.allclose(a.last_hidden_state, b.last_hidden_state, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_wandb_offline_logging(dataset, tmp_path, monkeypatch):
     """The default logging mode (offline) writes a wandb run under the run dir, and a resume reuses its id."""
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -220,6 +229,7 @@ def test_wandb_offline_logging(dataset, tmp_path, monkeypatch):
     assert (out / "wandb_id.txt").read_text().strip() == run_id
 
 
+@pytest.mark.slow
 def test_init_from_another_resolution(dataset, reference_run, tmp_path):
     """The paper's 224 -> 336 step in miniature: a new run at 42 px from the 28 px reference run. With lr 0
     nothing moves, so its checkpoint must hold exactly the source weights (the position embedding: its
@@ -238,6 +248,7 @@ def test_init_from_another_resolution(dataset, reference_run, tmp_path):
     assert torch.equal(_full_centers(shards), _full_centers(src_shards))
 
 
+@pytest.mark.slow
 def test_init_from_other_architecture_names_the_field(reference_run):
     from mlcd.models import build_model
     from mlcd.train import checkpoint
@@ -247,6 +258,7 @@ def test_init_from_other_architecture_names_the_field(reference_run):
         checkpoint.init_backbone_from(build_model(cfg), src, cfg)
 
 
+@pytest.mark.slow
 def test_checkpoint_cadence_does_not_change_the_data_stream(dataset, tmp_path):
     """Checkpoints every 3 or every 5 steps give the same run: data segments have their own length."""
     def losses(name, every):
@@ -256,6 +268,7 @@ def test_checkpoint_cadence_does_not_change_the_data_stream(dataset, tmp_path):
     assert losses("a", 3) == losses("b", 5)
 
 
+@pytest.mark.slow
 def test_resume_inside_a_data_segment_is_exact(dataset, tmp_path):
     """A 1-process run resumed from its step-3 checkpoint (segments of 4: mid-segment) ends bitwise equal."""
     common = {"train.total_steps": 6, "train.ckpt_every": 3, "train.log_every": 1, "data.segment_steps": 4}
@@ -272,6 +285,7 @@ def test_resume_inside_a_data_segment_is_exact(dataset, tmp_path):
     assert rows[-1]["skipped/bad_image"] == ref[-1]["skipped/bad_image"]  # replayed batches are not re-counted
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("new_world", [1, 3])
 def test_resume_reads_only_the_overlapping_center_shards(reference_run, new_world, monkeypatch):
     """Each new rank's state equals the full reshard's, and only the old shards holding its rows are opened."""
@@ -332,6 +346,7 @@ def test_bad_loss_and_label_settings_fail_before_work(dataset, tmp_path, key, va
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_multirun_gives_each_job_its_own_run_dir(dataset, tmp_path):
     """`train.py -m seed=0,1`: one directory per job, named by its swept values, each a complete run; nothing
     written outside ${out_dir} (no multirun/ in the working directory)."""
@@ -349,6 +364,7 @@ def test_multirun_gives_each_job_its_own_run_dir(dataset, tmp_path):
     assert set(os.listdir(ROOT)) == before
 
 
+@pytest.mark.slow
 def test_resume_with_changed_settings_fails_naming_the_key(dataset, tmp_path):
     out = tmp_path / "run"
     _run_inprocess(_compose(dataset, out, **{"train.total_steps": 2, "train.ckpt_every": 2}))
@@ -359,6 +375,7 @@ def test_resume_with_changed_settings_fails_naming_the_key(dataset, tmp_path):
     assert (out / "checkpoints" / "step-00000004").exists()
 
 
+@pytest.mark.slow
 def test_knn_monitor_logs_and_does_not_change_the_run(dataset, tmp_path):
     """With the monitor every 2 steps the losses and final weights are bitwise those of a run without it."""
     common = {"train.total_steps": 4, "train.ckpt_every": 4, "train.log_every": 1}
@@ -378,6 +395,7 @@ def test_knn_monitor_logs_and_does_not_change_the_run(dataset, tmp_path):
         _run_inprocess(_compose(dataset, tmp_path / "bad", **{"monitor.every": 3, "train.log_every": 2}))
 
 
+@pytest.mark.slow
 def test_world_sizes_2_and_3_equal_world_size_1_for_the_same_global_batch(tmp_path):
     """The step's math across world sizes: fed the same global batches (data.source=synthetic: each rank its
     slice), W = 2 and 3 give W = 1's losses and final weights. Covers DDP's gradient averaging against PartialFC's
@@ -416,6 +434,7 @@ def _assert_same_run(got, want, label):
     torch.testing.assert_close(_full_centers(sh), _full_centers(sh1), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fsdp_trains_like_ddp_and_their_checkpoints_resume_under_each_other(tmp_path):
     """train.sharding=fsdp (FSDP2 per block, with activation checkpointing) on 2 gloo ranks: the same losses, grad
     norms (clipping active), weights and centers as DDP; a run saved under FSDP at step 3 and continued under DDP
