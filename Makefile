@@ -58,9 +58,10 @@ gpu-check: setup
 rehearsal: setup
 	$(VPY) bench/rehearsal.py
 
-# Every bench script but the hour-long ones, which have their own targets (rehearsal) or commands (bench/adapt.py).
+# Every bench script but the hour-long ones, which have their own targets (rehearsal) or commands (bench/adapt.py,
+# bench/single_label.py: it reads the ablation grid's clustering).
 bench: setup
-	for f in $(filter-out bench/rehearsal.py bench/adapt.py,$(wildcard bench/*.py)); do $(VPY) $$f || exit 1; done
+	for f in $(filter-out bench/rehearsal.py bench/adapt.py bench/single_label.py,$(wildcard bench/*.py)); do $(VPY) $$f || exit 1; done
 	$(VPY) bench/summary.py
 
 clean:
