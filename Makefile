@@ -39,14 +39,14 @@ test-bench: setup
 	$(VPY) -m pytest -q -ra -m bench
 
 demo: setup
-	$(VPY) -m mlcd.demo
+	$(VPY) -m runners.demo
 
 # The paper's ablations at small scale (~4 h on 2 cores; resumable: re-run to continue) and self-training rounds.
 ablate: setup
-	$(VPY) -m mlcd.ablate
+	$(VPY) -m runners.ablate
 
 rounds: setup
-	$(VPY) -m mlcd.rounds
+	$(VPY) -m runners.rounds
 
 # On a CUDA machine: bf16 vs fp32, SDPA kernels, FAISS GPU vs CPU, the trainer, throughput (bench/results/gpu_check.json).
 # Elsewhere it says there is no GPU and exits 0.

@@ -3,7 +3,7 @@
 # on 2 ranks), 3 seeds, each kind tuned alike (lr 1e-3 vs 3e-3 at margin 0.3). Resumable: finished runs are in
 # bench/results/ablation_5x_runs.json, so a fresh checkout skips them. ~25 min per run on 2 quiet cores.
 cd "$(dirname "$0")/.."
-exec nice -n 19 .venv/bin/python -m mlcd.ablate ablate.nproc=2 ablate.run_dir=runs/ablate_5x ablate.name=ablation_5x \
+exec nice -n 19 .venv/bin/python -m runners.ablate ablate.nproc=2 ablate.run_dir=runs/ablate_5x ablate.name=ablation_5x \
   ablate.cluster_dir=data/ablate \
   "ablate.train=[train.total_steps=1050,train.global_batch_size=256,optim.warmup_steps=50,train.ckpt_every=175,train.log_every=50,train.progress_bar=false,logging.wandb.mode=disabled]" \
   "ablate.tune.lr=[1.0e-3,3.0e-3]" "ablate.tune.margin=[0.3]" \

@@ -40,8 +40,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlcd import fileio  # noqa: E402
-from mlcd.ablate import summary  # noqa: E402
-from mlcd.stages import REPO, load_marker, run_once  # noqa: E402
+from runners.stats import summary  # noqa: E402
+from runners.kit import REPO, load_marker, run_once  # noqa: E402
 
 OLD, NEW = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 SOURCE_LR = 2.0e-3           # the demo's lr, which trains the source
@@ -148,7 +148,7 @@ def cluster(a, tag: str, domain: str, shard_pattern: str, out: Path, k: int, see
     """cluster.py over a domain's shards: the demo's random teacher (backbone None) or the source encoder.
     `features_from`: another clustering of the same images by the same encoder, whose features are linked in and
     only k-means + assignment run (the features do not depend on the seed or k)."""
-    from mlcd.rounds import label_metrics, top1_labels
+    from runners.rounds import label_metrics, top1_labels
     cmd = [PY, "cluster.py", f"shards='{shard_pattern}'", f"out_dir='{out}'", f"kmeans.k={k}",
            f"kmeans.seed={1234 + seed}", f"seed={seed}", f"assign.topk={min(8, k)}"]
     if backbone is not None:

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlcd import fileio  # noqa: E402
-from mlcd.ablate import summary  # noqa: E402
+from runners.stats import summary  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "demo_budget.json"
 

@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mlcd import fileio  # noqa: E402
-from mlcd.stages import show  # noqa: E402
+from runners.kit import show  # noqa: E402
 
 PY = sys.executable
 MB = 2**20

@@ -7,7 +7,7 @@ Writes bench/results/single_label.json (+ .png: kNN, effective rank and cluster-
     python bench/single_label.py --small       a few steps on the data given (tests/test_single_label_bench.py)
     python bench/single_label.py --help        every setting
 
-Each (kind, s) trains with the grid's own train.py overrides (mlcd.ablate.train_and_eval: configs/ablate.yaml's
+Each (kind, s) trains with the grid's own train.py overrides (runners.ablate.train_and_eval: configs/ablate.yaml's
 `train` list, the kind's tuned lr and margin from bench/results/ablation.json, l = 8, or 1 for single), plus
 loss.scale=s and a checkpoint every --every steps (data.segment_steps too, so the data stream is segmented
 differently from the grid's run). At step 0 (the run's own random init: torch.manual_seed(seed) then build_model, as
@@ -42,12 +42,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlcd import fileio  # noqa: E402
-from mlcd.ablate import CONFIG, KIND_LOSS, setting  # noqa: E402
-from mlcd.stages import REPO, run_stage  # noqa: E402
+from runners.ablate import CONFIG, KIND_LOSS, setting  # noqa: E402
+from runners.kit import REPO, run_stage  # noqa: E402
 
 TUNING = REPO / "bench" / "results" / "ablation.json"
-MAKE_DATA = ("make them with `python -m mlcd.ablate` (its first phase writes data/demo/shards and "
-             "data/ablate/cluster-k1000/labels; mlcd/ablate.py shards_pattern and labels_dir are the commands)")
+MAKE_DATA = ("make them with `python -m runners.ablate` (its first phase writes data/demo/shards and "
+             "data/ablate/cluster-k1000/labels; runners/ablate.py shards_pattern and labels_dir are the commands)")
 
 
 def parse_args(argv=None):
@@ -79,12 +79,12 @@ def run_dir(a, kind, scale) -> Path:
 
 
 def train_overrides(a, kind: str, scale: float, out: Path, **extra) -> list[str]:
-    """train.py's overrides: the grid's for `kind` (mlcd.ablate.train_and_eval), then s, the cadence and `extra`."""
+    """train.py's overrides: the grid's for `kind` (runners.ablate.train_and_eval), then s, the cadence and `extra`."""
     from omegaconf import OmegaConf
     g = OmegaConf.load(CONFIG).ablate
     best = json.loads(TUNING.read_text())["tuning"]["best"]
     if kind not in best:
-        raise SystemExit(f"{TUNING}: no tuned lr/margin for {kind!r} (run the grid's tuning: python -m mlcd.ablate)")
+        raise SystemExit(f"{TUNING}: no tuned lr/margin for {kind!r} (run the grid's tuning: python -m runners.ablate)")
     s = setting(g, {"kind": kind, "l": 1 if kind == "single" else g.base.l}, best)
     ov = {"data.train_shards": f"'{a.shards}'", "data.labels_dir": f"'{a.labels}'", "out_dir": f"'{out}'",
           "seed": a.seed, "loss": KIND_LOSS[kind], "data.num_labels": s["l"], "loss.sample_ratio": s["r"],

@@ -128,7 +128,7 @@ def check_cluster_inputs(cfg) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- train.py
-def check_labels(data_cfg) -> None:
+def check_label_files(data_cfg) -> None:
     """Before step 0: every training shard has its label file (a missing one would otherwise crash a worker at
     whatever step first reads that shard), and data.num_labels (l) is at most the labels per image on disk."""
     from mlcd.data.labels import label_width, missing_shard_labels, shard_stem
@@ -196,7 +196,7 @@ def check_train_config(cfg, world: int, device: torch.device) -> dict:
         for key in ("train_shards", "labels_dir"):
             if not cfg.data.get(key):
                 raise ValueError(f"data.{key} is not set: pick an experiment (experiment=demo, laion400m_...) or set it")
-        check_labels(cfg.data)  # shards that match nothing fail here too, before any output or wandb
+        check_label_files(cfg.data)  # shards that match nothing fail here too, before any output or wandb
     num_classes = resolve_num_classes(cfg.num_classes, cfg.data.labels_dir if cfg.data.source == "shards" else None)
     if cfg.monitor.every < 0 or (cfg.monitor.every and cfg.monitor.every % t.log_every):
         raise ValueError(f"monitor.every={cfg.monitor.every}: 0 (off) or a multiple of train.log_every={t.log_every}")

@@ -114,6 +114,6 @@ def _run_inprocess(cfg):
 
 # The linear probe's lam search at a test's size (a few hundred images): the same search code (coarse sweep, then
 # halving around the best), on a 1-per-decade grid 1e-4..1e2 and to a looser gradient tolerance: about half the
-# fits, each far shorter. Appended to the eval overrides of the miniature pipeline tests (mlcd.demo, mlcd.ablate,
-# mlcd.rounds), whose probe stage was most of their time; the probe's own accuracy is tested in test_linear_probe.py.
+# fits, each far shorter. Appended to the eval overrides of the miniature pipeline tests (runners.demo, runners.ablate,
+# runners.rounds), whose probe stage was most of their time; the probe's own accuracy is tested in test_linear_probe.py.
 PROBE_SEARCH_SMALL = "probe.lam_lo=-4,probe.steps_per_decade=1,probe.coarse_every=2,probe.tol=1e-4"

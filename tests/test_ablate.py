@@ -1,4 +1,4 @@
-"""`python -m mlcd.ablate` end to end at a miniature size: tuning picks by held-out-train kNN, the grid reuses a
+"""`python -m runners.ablate` end to end at a miniature size: tuning picks by held-out-train kNN, the grid reuses a
 setting two groups share, the aggregate matches the per-run results, and a killed run resumes without redoing
 finished work."""
 import json
@@ -35,7 +35,7 @@ def _argv(tmp):
 
 def test_single_label_rows_use_the_top1_label_and_untuned_kinds_the_base_lr_and_margin():
     from omegaconf import OmegaConf
-    from mlcd import ablate
+    from runners import ablate
     a = OmegaConf.merge(OmegaConf.load(ablate.CONFIG), OmegaConf.from_dotlist(
         ["ablate.only_groups=[loss]", "ablate.groups.loss=[{kind: mlcd},{kind: single},{kind: single, l: 2}]"])).ablate
     rows = [row for _, row in ablate.grid_rows(a)]
@@ -48,7 +48,7 @@ def test_single_label_rows_use_the_top1_label_and_untuned_kinds_the_base_lr_and_
 
 
 def test_paper_directions_take_the_difference_and_its_standard_error_over_seeds():
-    from mlcd import ablate
+    from runners import ablate
 
     def row(group, values, **setting):
         return {"setting": setting, "n": len(values), **{m: ablate.summary(values) for m in ablate.METRICS}}
@@ -69,7 +69,7 @@ def test_paper_directions_take_the_difference_and_its_standard_error_over_seeds(
 
 
 def _launch(tmp, log):
-    return subprocess.Popen([sys.executable, "-m", "mlcd.ablate", *_argv(tmp)], cwd=ROOT, stdout=open(log, "w"),
+    return subprocess.Popen([sys.executable, "-m", "runners.ablate", *_argv(tmp)], cwd=ROOT, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             start_new_session=True)
 
@@ -118,7 +118,7 @@ def test_ablate_miniature_kill_and_resume(tmp_path):
     assert len(ledger) == len(list((tmp_path / "runs").glob("k*/*/seed=*/result.json")))
     import shutil
     shutil.rmtree(tmp_path / "runs")
-    from mlcd import ablate
+    from runners import ablate
     ablate.main([*_argv(tmp_path), "ablate.report_only=true"])  # in this process: the command line is tested above
     again = json.loads((tmp_path / "results" / "ablation.json").read_text())
     assert again["groups"] == agg["groups"] and again["tuning"]["best"] == tuning["best"]

@@ -23,7 +23,7 @@ def test_demo_pipeline_miniature(tmp_path):
         "train.log_every=1,data.num_workers=0,data.shuffle_buffer=50,logging.wandb.mode=disabled]",
         f"demo.eval_overrides=[limit_train=200,limit_test=100,cache_dir={tmp_path / 'cache'},num_workers=0,{PROBE}]",
     ]
-    proc = subprocess.run([sys.executable, "-m", "mlcd.demo", *argv], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "runners.demo", *argv], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -48,3 +48,27 @@ def test_readme_is_short_and_every_doc_link_resolves():
     for page in [readme, *sorted((ROOT / "docs").glob("*.md"))]:
         for target in re.findall(r"\]\(([^)#:]+)\)", page.read_text()):
             assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to missing {target}"
+
+
+def test_the_package_imports_no_runner_and_defines_each_shared_name_once():
+    """mlcd/ is the library: it never imports the runners (runners/, run from a checkout), and the names the
+    stages share are defined in one module each."""
+    import ast
+
+    defined = {}
+    for path in sorted((ROOT / "mlcd").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(n == "runners" or n.startswith("runners.") for n in names), path
+        for node in tree.body:  # module-level definitions
+            targets = ([t.id for t in node.targets if isinstance(t, ast.Name)] if isinstance(node, ast.Assign) else
+                       [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else [])
+            for name in targets:
+                defined.setdefault(name, []).append(path.relative_to(ROOT).as_posix())
+    for name in ("PRECISIONS", "ROPE_THETA", "resolve_num_classes", "MANIFEST", "BACKBONE", "check_label_files", "check_labels",
+                 "resolve_precision", "Checkpointer", "MetricsLog", "ShardBatches"):
+        assert len(defined.get(name, [])) == 1, (name, defined.get(name))
+    for name in ("PRECISIONS", "STAGES"):  # the entry scripts take them from mlcd.validate
+        assert f"\n{name} = " not in (ROOT / "cluster.py").read_text(), name

@@ -1,4 +1,4 @@
-"""`python -m mlcd.rounds` at a miniature size (300 images, k = 12, 3 training steps, 2 rounds): the report agrees
+"""`python -m runners.rounds` at a miniature size (300 images, k = 12, 3 training steps, 2 rounds): the report agrees
 with an independent recomputation from the label files, round 1 clustered with round 0's checkpoint and trained from
 it, a run killed after round 0 and re-run redoes nothing finished, and a bad
 checkpoint or changed settings are refused before any work; the control (rounds.recluster=false) trains every round
@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from sklearn.metrics import adjusted_mutual_info_score
 
 from helpers import PROBE_SEARCH_SMALL as PROBE
-from mlcd import rounds
+from runners import rounds
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.patch_size=7", "model.width=32", "model.layers=2", "model.heads=2", "model.mlp_dim=64",
@@ -38,7 +38,7 @@ def _argv(tmp: Path, root: str, train=TRAIN) -> list[str]:
 
 
 def _launch(argv, log: Path):
-    return subprocess.Popen([sys.executable, "-m", "mlcd.rounds", *argv], cwd=ROOT, stdout=open(log, "w"),
+    return subprocess.Popen([sys.executable, "-m", "runners.rounds", *argv], cwd=ROOT, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
 
 

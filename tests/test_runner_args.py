@@ -1,4 +1,4 @@
-"""The runners' command line (mlcd.stages.load_runner_config, shared by mlcd.demo, mlcd.ablate and mlcd.rounds):
+"""The runners' command line (runners.kit.load_runner_config, shared by runners.demo, runners.ablate and runners.rounds):
 --help / -h prints the usage and the default settings and does no work; a misspelled key, an argument that is not
 key=value, or a key below a value is refused before any work, naming it and the valid keys; valid overrides merge.
 Nothing here trains: every refused call fails while reading the command line."""
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from mlcd.stages import load_runner_config
+from runners.kit import load_runner_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNERS = ("demo", "ablate", "rounds")
@@ -30,13 +30,13 @@ def _outs(runner: str, tmp: Path) -> list[str]:
 @pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_prints_usage_and_defaults_and_does_nothing(runner, flag, tmp_path, monkeypatch, capsys):
-    mod = importlib.import_module(f"mlcd.{runner}")
+    mod = importlib.import_module(f"runners.{runner}")
     monkeypatch.chdir(tmp_path)  # the defaults' relative output dirs (data/..., runs/...) would appear here
     with pytest.raises(SystemExit) as e:
         mod.main([*_outs(runner, tmp_path), flag])
     assert e.value.code in (0, None)
     out = capsys.readouterr().out
-    assert mod.__doc__.strip().splitlines()[0] in out and f"python -m mlcd.{runner} --help" in out
+    assert mod.__doc__.strip().splitlines()[0] in out and f"python -m runners.{runner} --help" in out
     defaults = OmegaConf.load(mod.CONFIG)[runner]
     assert f"{runner}:\n" in out and all(f"  {key}:" in out for key in defaults)  # the default settings, as YAML
     assert OmegaConf.create(out[out.index(f"{runner}:\n"):]) == OmegaConf.load(mod.CONFIG)
@@ -47,17 +47,17 @@ def test_help_prints_usage_and_defaults_and_does_nothing(runner, flag, tmp_path,
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_help_as_a_command_exits_0_at_once(runner, tmp_path):
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", f"mlcd.{runner}", "--help"], cwd=tmp_path, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", f"runners.{runner}", "--help"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert time.time() - t0 < 30
-    assert f"python -m mlcd.{runner} [{runner}.key=value ...]" in proc.stdout and f"\n{runner}:\n" in proc.stdout
+    assert f"python -m runners.{runner} [{runner}.key=value ...]" in proc.stdout and f"\n{runner}:\n" in proc.stdout
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_misspelled_key_is_refused_before_any_work(runner, tmp_path, monkeypatch):
-    mod = importlib.import_module(f"mlcd.{runner}")
+    mod = importlib.import_module(f"runners.{runner}")
     typo, meant = TYPO[runner]
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
@@ -72,7 +72,7 @@ def test_misspelled_key_is_refused_before_any_work(runner, tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_misspelled_key_as_a_command_exits_nonzero_naming_it(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mlcd.demo", *_outs("demo", tmp_path), "demo.limt=100"],
+    proc = subprocess.run([sys.executable, "-m", "runners.demo", *_outs("demo", tmp_path), "demo.limt=100"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 1 and "unknown setting 'demo.limt'" in proc.stderr and "limit" in proc.stderr
@@ -91,7 +91,7 @@ def test_misspelled_key_as_a_command_exits_nonzero_naming_it(tmp_path):
     (["demo.limit=[1"], r"'demo.limit=\[1' does not parse"),
 ])
 def test_other_bad_arguments_are_refused_naming_them(argv, match, tmp_path, monkeypatch):
-    from mlcd import demo
+    from runners import demo
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match=match):
         demo.main([*_outs("demo", tmp_path), *argv])
@@ -99,7 +99,7 @@ def test_other_bad_arguments_are_refused_naming_them(argv, match, tmp_path, monk
 
 
 def test_a_mapping_value_with_an_unknown_key_is_refused():
-    from mlcd import ablate
+    from runners import ablate
     with pytest.raises(SystemExit, match=r"unknown setting 'ablate.base.kk' in 'ablate.base=\{kk: 1\}' \(did you mean "
                                          r"ablate.base.k\?\). The keys of ablate.base are: k, l, r, lr, margin"):
         load_runner_config(ablate.CONFIG, ["ablate.base={kk: 1}"], ablate.__doc__)
@@ -108,7 +108,7 @@ def test_a_mapping_value_with_an_unknown_key_is_refused():
 
 
 def test_valid_overrides_merge():
-    from mlcd import ablate, demo, rounds
+    from runners import ablate, demo, rounds
     cfg = load_runner_config(demo.CONFIG, ["demo.limit=100", "demo.train_overrides=[train.total_steps=4]"], demo.__doc__)
     assert cfg.demo.limit == 100 and list(cfg.demo.train_overrides) == ["train.total_steps=4"]
     assert cfg.demo.max_per_shard == OmegaConf.load(demo.CONFIG).demo.max_per_shard  # the rest: the defaults

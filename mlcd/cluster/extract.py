@@ -3,7 +3,7 @@
 The features come from an open_clip model (`extract.model` + `extract.pretrained`: the paper's CLIP teacher) or,
 with `extract.backbone`, from any backbone the linear probe can load (mlcd.models.backbones: one of our runs or
 checkpoints, an exported Hugging Face model, open_clip), through the same loading code and eval transform, so
-that a trained encoder can re-cluster its own data (mlcd.rounds).
+that a trained encoder can re-cluster its own data (runners.rounds).
 
 Each rank takes shards r, r+W, r+2W, ... and skips shards whose features already exist, so a killed
 run resumes shard by shard. One loader reads this rank's shards, each DataLoader worker whole shards (each

@@ -1,7 +1,7 @@
 """Self-training rounds, DeepCluster-style: cluster -> train -> cluster with the new encoder -> train ...
 
-    python -m mlcd.rounds [rounds.key=value ...]        (settings: configs/rounds.yaml)
-    python -m mlcd.rounds --help                        (this, and the default settings)
+    python -m runners.rounds [rounds.key=value ...]        (settings: configs/rounds.yaml)
+    python -m runners.rounds --help                        (this, and the default settings)
 
 Round 0 clusters the demo's shards with the teacher (cluster.py's open_clip settings); round i >= 1 clusters them
 with round i-1's final checkpoint (`extract.backbone={type: mlcd, path: <checkpoint>}`), and trains from that
@@ -18,7 +18,7 @@ teacher's features). Under rounds.root:
 Label agreement between rounds: top-1 label ids of two clusterings are arbitrary, so the report gives the adjusted
 mutual information (keys aligned) between consecutive rounds and with the true classes (the shards' `.cls`),
 the majority-class purity, and the fraction of images that left their old cluster's majority successor.
-Like mlcd.demo and mlcd.ablate, every stage runs as the command line it prints.
+Like runners.demo and runners.ablate, every stage runs as the command line it prints.
 """
 import json
 import sys
@@ -29,9 +29,9 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from mlcd import fileio
-from mlcd.ablate import probe_scores
+from runners.stats import probe_scores
 from mlcd.data.labels import read_shard_labels
-from mlcd.stages import REPO, load_marker, load_runner_config, run_once, run_stage
+from runners.kit import REPO, load_marker, load_runner_config, run_once, run_stage
 
 CONFIG = REPO / "configs" / "rounds.yaml"
 STAGES = ("cluster", "train", "eval")
@@ -149,7 +149,7 @@ def evaluate(r, out: Path, backbone: list[str]) -> dict:
 
 
 def baselines(r, root: Path) -> dict:
-    """Raw pixels and the round-0 teacher's features (as mlcd.demo evaluates them), once."""
+    """Raw pixels and the round-0 teacher's features (as runners.demo evaluates them), once."""
     e = OmegaConf.load(root / "round0" / "cluster" / "config.yaml")
     ec = e.extract
     if ec.get("backbone"):

@@ -1,5 +1,5 @@
 """Running a pipeline stage as the command line a user could paste: what `make demo`, `make ablate` and
-`make rounds` (mlcd.demo, mlcd.ablate, mlcd.rounds) are made of, and how those runners read their command line
+`make rounds` (runners.demo, runners.ablate, runners.rounds) are made of, and how those runners read their command line
 (`load_runner_config`)."""
 import difflib
 import json

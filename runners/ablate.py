@@ -1,8 +1,8 @@
 """`make ablate`: the paper's ablations (Tables 5-6) at small scale, 3 seeds per setting, one command.
 
-    python -m mlcd.ablate [ablate.key=value ...]        (settings: configs/ablate.yaml)
-    python -m mlcd.ablate ablate.report_only=true       (aggregate what has finished)
-    python -m mlcd.ablate --help                        (this, and the default settings)
+    python -m runners.ablate [ablate.key=value ...]        (settings: configs/ablate.yaml)
+    python -m runners.ablate ablate.report_only=true       (aggregate what has finished)
+    python -m runners.ablate --help                        (this, and the default settings)
 
 Phases, each skipping finished work, so the command can be killed and re-run at any point:
   1. data: the demo's shards; one clustering per number of centers k (top-16 labels on disk)
@@ -13,7 +13,7 @@ Phases, each skipping finished work, so the command can be killed and re-run at 
      with its standard error over seeds), bench/results/ablation.png, and the markdown tables (printed, and in
      ablation.md beside them) for the README
 A run's directory is named by its settings, so a setting that two groups share (l = 8 is also the mlcd row of
-the loss group) trains once. Like mlcd.demo, every stage runs as the command line it prints.
+the loss group) trains once. Like runners.demo, every stage runs as the command line it prints.
 """
 import json
 import sys
@@ -24,7 +24,8 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from mlcd import fileio
-from mlcd.stages import REPO, load_runner_config, run_stage
+from runners.kit import REPO, load_runner_config, run_stage
+from runners.stats import METRICS, compare, probe_scores, summary  # noqa: F401
 
 CONFIG = REPO / "configs" / "ablate.yaml"
 KIND_LOSS = {"mlcd": "mlcd", "mlc": "mlc", "single": "single_label", "per_slot": "per_slot"}
@@ -105,15 +106,6 @@ def load_ledger(a) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def probe_scores(results_json: Path) -> tuple[float, float]:
-    """(linear-probe top-1, kNN top-1) in percent on fashion_mnist from eval_linear_probe.py's results.json."""
-    res = json.loads(results_json.read_text())
-    for entry in res["results"]:                            # CLIP_benchmark layout
-        if entry["dataset"] == "fashion_mnist":
-            return 100 * entry["metrics"]["lp_acc1"], 100 * entry["metrics"]["knn_acc1"]
-    raise ValueError(f"{results_json}: no fashion_mnist record (failed: {res.get('failed')})")
-
-
 def tune(a, shards: str | None) -> tuple[dict, dict]:
     """({kind: best {lr, margin}}, {kind: every try and its score}) at seed 0, ranked by held-out-train kNN: the
     test split is not consulted. shards=None: only read the tries that finished (a kind is tuned when all are)."""
@@ -149,16 +141,6 @@ def grid_rows(a) -> list[tuple[str, dict]]:
                 row.setdefault("l", 1)  # single-label training uses the top-1 label only
             rows.append((group, row))
     return rows
-
-
-METRICS = ("linear_probe_top1", "knn_top1")
-
-
-def summary(values: list) -> dict:
-    """Mean, sample std (ddof 1; None below 2 values) and the values of one metric over seeds."""
-    v = np.array(values, dtype=float)
-    return {"mean": float(v.mean()) if len(v) else None, "std": float(v.std(ddof=1)) if len(v) > 1 else None,
-            "values": v.tolist()}
 
 
 BASELINES = {"random init ViT": ["backbone.type=random", "backbone.model=vit_tiny"], "raw pixels": ["backbone.type=pixels"]}
@@ -235,17 +217,6 @@ PAPER_DIRECTIONS = [
     ("5x more centers hurt (k 1000 vs 5000; paper 1M vs 5M)", ("k", {"k": 1000}), ("k", {"k": 5000}),
      75.2, 74.7, "Table 5a"),
 ]
-
-
-def compare(a: dict, b: dict) -> dict:
-    """Difference of two rows' means with its standard error over seeds (Welch): 'holds' when A - B > 2 SE,
-    'reversed' when A - B < -2 SE, 'within spread' otherwise; None without two seeds on each side."""
-    diff = a["mean"] - b["mean"]
-    if len(a["values"]) < 2 or len(b["values"]) < 2:
-        return {"diff": diff, "se": None, "verdict": None}
-    se = float(np.sqrt(a["std"] ** 2 / len(a["values"]) + b["std"] ** 2 / len(b["values"])))
-    verdict = "holds" if diff > 2 * se else "reversed" if diff < -2 * se else "within spread"
-    return {"diff": diff, "se": se, "verdict": verdict}
 
 
 def directions(groups: dict) -> list:

@@ -1,7 +1,7 @@
 """`make demo`: the whole MLCD pipeline on real Fashion-MNIST on a laptop-class CPU.
 
-    python -m mlcd.demo [demo.key=value ...]      (settings: configs/demo.yaml)
-    python -m mlcd.demo --help                    (this, and the default settings)
+    python -m runners.demo [demo.key=value ...]      (settings: configs/demo.yaml)
+    python -m runners.demo --help                    (this, and the default settings)
 
 Each stage runs as the exact command line it prints, so any stage can be re-run (or changed) by hand:
 shards -> cluster.py -> torchrun train.py -> eval_linear_probe.py (4 backbones) -> table + plots.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mlcd.stages import REPO, load_runner_config, run_stage, show
+from runners.kit import REPO, load_runner_config, run_stage, show
 
 CONFIG = REPO / "configs" / "demo.yaml"
 
