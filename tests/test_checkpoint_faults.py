@@ -49,12 +49,18 @@ def _files(ckpt: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(ckpt.iterdir()) if p.name != "manifest.json"}
 
 
-def test_atomic_writes_fsync_the_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+def _record_fsync_and_replace(monkeypatch) -> list:
+    """Every os.fsync (as the path of its descriptor) and os.replace, in order, still done for real."""
     events = []
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
                                                 real_fsync(fd)))
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), real_replace(a, b)))
+    return events
+
+
+def test_atomic_writes_fsync_the_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    events = _record_fsync_and_replace(monkeypatch)
     target = tmp_path / "out.json"
     fileio.write_json(target, {"a": 1})
     tmp = str(fileio._tmp_name(target))
@@ -62,11 +68,7 @@ def test_atomic_writes_fsync_the_file_before_the_rename_and_the_directory_after(
 
 
 def test_a_checkpoint_is_fsynced_file_by_file_before_its_manifest_and_rename(tmp_path, monkeypatch):
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
-                                                real_fsync(fd)))
-    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), real_replace(a, b)))
+    events = _record_fsync_and_replace(monkeypatch)
     model, opt, pfc, copt, manifest = _state()
     final = checkpoint.save(tmp_path, 3, model, opt, pfc, copt, {"counters": {}}, manifest, keep_last=2)
     tmp = tmp_path / ".tmp-step-00000003"
