@@ -17,8 +17,6 @@ from mlcd.cluster import assign, extract, kmeans
 from mlcd.cluster.files import expand_shards
 from mlcd.validate import check_cluster_config, check_cluster_inputs
 
-check_config = check_cluster_config  # the name tests/test_cluster_config.py calls
-
 
 def shard_urls(cfg) -> list[str]:
     """The shard list; an error names the `shards` pattern it came from."""

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import cluster  # noqa: E402  (the entry script: check_config lives there)
+from mlcd.validate import check_cluster_config  # noqa: E402
 from mlcd.cluster.files import load_json  # noqa: E402
 
 
@@ -63,7 +63,7 @@ BAD = [
 @pytest.mark.parametrize("overrides,message", BAD, ids=[" ".join(o) for o, _ in BAD])
 def test_check_config_names_key_and_value(overrides, message):
     with pytest.raises(ValueError) as e:
-        cluster.check_config(cfg_of(*overrides))
+        check_cluster_config(cfg_of(*overrides))
     assert str(e.value).startswith(message), str(e.value)
 
 
@@ -108,7 +108,7 @@ def test_help_lists_only_cluster_groups():
 def test_defaults_are_the_demo_and_pass():
     """`python cluster.py` with no argument clusters the demo's shards (what `make demo` writes)."""
     cfg = cfg_of()
-    cluster.check_config(cfg)
+    check_cluster_config(cfg)
     assert cfg.shards == "data/demo/shards/fmnist-train-{000000..000011}.tar" and cfg.out_dir == "data/demo/cluster"
     assert cfg.extract.image_size == 32 and cfg.kmeans.k == 1000 and cfg.kmeans.mode == "flat"
 
@@ -117,7 +117,7 @@ def test_defaults_are_the_demo_and_pass():
 def test_laion_presets(name, model):
     """The paper's setting, and shard names + labels dir that train.py's LAION presets read."""
     cfg = cfg_of(f"experiment={name}")
-    cluster.check_config(cfg)
+    check_cluster_config(cfg)
     assert (cfg.extract.model, cfg.extract.pretrained, cfg.extract.image_size) == (model, "openai", 224)
     km = cfg.kmeans
     assert (km.k, km.mode, km.max_points_per_centroid, km.refine_iters, km.refine_probe) == \

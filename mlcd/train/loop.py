@@ -130,7 +130,7 @@ def train(cfg) -> dict:
                             t.clip_grad, autocast)
         # a non-finite step was skipped by every rank together (they all see the same values)
         nonfinite_in_row = 0 if result.applied else nonfinite_in_row + 1
-        counters["nonfinite_skipped"] += not result.applied
+        counters["nonfinite_skipped"] += 0 if result.applied else 1
         if nonfinite_in_row >= t.max_nonfinite_in_row:
             raise RuntimeError(f"step {step}: non-finite loss/gradient {t.max_nonfinite_in_row} steps in a row "
                                f"(loss={result.loss}, grad_norm={result.grad_norm}); lower optim.lr or "
