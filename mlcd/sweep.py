@@ -78,10 +78,7 @@ def check_same_settings(run_dir, cfg) -> None:
     path = Path(run_dir) / FINGERPRINT
     if not path.exists():
         return
-    old, new = json.loads(path.read_text()), json.loads(json.dumps(fingerprint(cfg)))
-    differ = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
-    if differ:
-        shown = "; ".join(f"{k}: {old.get(k, '<unset>')!r} there, {new.get(k, '<unset>')!r} now" for k in differ[:8])
-        raise ValueError(f"{run_dir} holds a run started with other settings ({len(differ)} differ: {shown}). "
-                         "Resume it with its own settings, give this run another out_dir, or start it over with "
-                         "train.resume=none.")
+    from mlcd.validate import refuse_other_settings
+    refuse_other_settings(json.loads(path.read_text()), json.loads(json.dumps(fingerprint(cfg))), f"run {run_dir}",
+                          "Resume it with its own settings, give this run another out_dir, or start it over with "
+                          "train.resume=none.")

@@ -13,6 +13,19 @@ FUSIONS = ("mean",)
 STAGES = ("extract", "kmeans", "assign")
 
 
+# ---------------------------------------------------------------------------------------------- resuming
+def refuse_other_settings(old: dict, new: dict, where, remedy: str, only_shared: bool = False) -> None:
+    """The one "do not resume under other settings" check (a run directory, cluster outputs, a checkpoint, rounds):
+    outputs made with one setting must never be mixed with another's. `only_shared` compares the keys both sides
+    record, so outputs written before a setting existed still resume. The error names every key that differs."""
+    keys = old.keys() & new.keys() if only_shared else old.keys() | new.keys()
+    differ = sorted(k for k in keys if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    if differ:
+        shown = "; ".join(f"{k}: {old.get(k, '<unset>')!r} there, {new.get(k, '<unset>')!r} now" for k in differ[:8])
+        more = f" and {len(differ) - 8} more" if len(differ) > 8 else ""
+        raise ValueError(f"{where} was made with other settings ({shown}{more}). {remedy}")
+
+
 # ---------------------------------------------------------------------------------------------- cluster.py
 BACKBONE_TYPES = ("mlcd", "hf", "open_clip", "random", "pixels")
 
@@ -172,9 +185,10 @@ def resolve_wandb_mode(mode) -> str:
 
 
 
-def check_train_config(cfg, world: int, device: torch.device) -> dict:
+def check_train_config(cfg, world: int, device: torch.device, inputs: bool = True) -> dict:
     """Every train.py setting that can be judged before the model is built. Returns what it resolved:
-    {"precision", "wandb_mode", "num_classes"}."""
+    {"precision", "wandb_mode", "num_classes"}. inputs=False judges the settings alone (a runner checking a config
+    whose shards and label files a stage before it will make): no file is read and num_classes is left unresolved."""
     from mlcd.data.labels import resolve_num_classes
     from mlcd.partial_fc import check_loss_settings
     from mlcd.train.sharding import check_sharding
@@ -196,8 +210,11 @@ def check_train_config(cfg, world: int, device: torch.device) -> dict:
         for key in ("train_shards", "labels_dir"):
             if not cfg.data.get(key):
                 raise ValueError(f"data.{key} is not set: pick an experiment (experiment=demo, laion400m_...) or set it")
-        check_label_files(cfg.data)  # shards that match nothing fail here too, before any output or wandb
-    num_classes = resolve_num_classes(cfg.num_classes, cfg.data.labels_dir if cfg.data.source == "shards" else None)
+        if inputs:
+            check_label_files(cfg.data)  # shards that match nothing fail here too, before any output or wandb
+    num_classes = None
+    if inputs:
+        num_classes = resolve_num_classes(cfg.num_classes, cfg.data.labels_dir if cfg.data.source == "shards" else None)
     if cfg.monitor.every < 0 or (cfg.monitor.every and cfg.monitor.every % t.log_every):
         raise ValueError(f"monitor.every={cfg.monitor.every}: 0 (off) or a multiple of train.log_every={t.log_every}")
     if cfg.monitor.every and not cfg.monitor.dataset:

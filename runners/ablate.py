@@ -20,11 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from omegaconf import OmegaConf
 
 from mlcd import fileio
-from runners.kit import REPO, load_runner_config, run_stage
+from runners.kit import REPO, check_stage, fmnist_shards, load_runner_config, run_stage
 from runners.stats import METRICS, compare, probe_scores, summary  # noqa: F401
 
 CONFIG = REPO / "configs" / "ablate.yaml"
@@ -32,13 +31,7 @@ KIND_LOSS = {"mlcd": "mlcd", "mlc": "mlc", "single": "single_label", "per_slot":
 
 
 def shards_pattern(a) -> str:
-    manifest = Path(a.shards_dir) / "manifest.json"
-    if not manifest.exists():
-        run_stage([sys.executable, "-m", "mlcd.data.make_shards", "--source", "fashion_mnist", "--split", "train",
-             "--out", a.shards_dir, "--prefix", "fmnist-train", "--max-per-shard", str(a.max_per_shard),
-             *(["--limit", str(a.limit)] if a.limit else [])], "ablate", Path(a.cluster_dir) / "shards.log")
-    n = len(json.loads(manifest.read_text())["shards"])
-    return f"{a.shards_dir}/fmnist-train-{{000000..{n - 1:06d}}}.tar"
+    return fmnist_shards(a.shards_dir, a.max_per_shard, a.limit, "ablate", Path(a.cluster_dir) / "shards.log")[0]
 
 
 def labels_dir(a, k: int, shards: str) -> Path:
@@ -66,6 +59,27 @@ def run_name(s: dict) -> str:
     return f"k{s['k']}/{s['kind']},l={s['l']},r={s['r']},lr={s['lr']:g},m={s['margin']:g}"
 
 
+def train_overrides(a, s: dict, seed: int, shards: str, labels, out, extra=()) -> list[str]:
+    """train.py's command line for one run of setting `s`."""
+    return [f"data.train_shards='{shards}'", f"data.labels_dir='{labels}'", f"out_dir='{out}'", f"seed={seed}",
+            f"loss={KIND_LOSS[s['kind']]}", f"data.num_labels={s['l']}", f"loss.sample_ratio={s['r']}",
+            f"optim.lr={s['lr']}", f"loss.margin={s['margin']}", *a.train, *extra]
+
+
+def check_settings(a) -> None:
+    """Every clustering and every training the grid will run (tuning tries included), through the stages' own
+    validators, before the first hour of work."""
+    rows = [setting(a, row, {}) for _, row in grid_rows(a)]
+    for k in sorted({s["k"] for s in rows}):
+        check_stage("ablate", "cluster", [f"shards='{a.shards_dir}/x.tar'", f"out_dir='{a.cluster_dir}'", f"kmeans.k={k}",
+                                          *a.cluster])
+    tries = [{**setting(a, {"kind": kind, "l": 1 if kind == "single" else a.base.l}, {}), "lr": float(lr),
+              "margin": float(m)} for kind in a.tune.kinds for lr in a.tune.lr for m in a.tune.margin]
+    for s in rows + tries:
+        check_stage("ablate", "train", train_overrides(a, s, 0, f"{a.shards_dir}/x.tar", a.cluster_dir, a.run_dir,
+                                                       a.tune.monitor if s in tries else ()), a.nproc)
+
+
 def train_and_eval(a, s: dict, seed: int, shards: str, extra=()) -> dict:
     """One run: train.py then eval_linear_probe.py; result.json in the run dir marks it finished."""
     out = Path(a.run_dir) / run_name(s) / f"seed={seed}"
@@ -78,10 +92,8 @@ def train_and_eval(a, s: dict, seed: int, shards: str, extra=()) -> dict:
     t0 = time.time()
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}"]
               if a.nproc > 1 else [sys.executable])
-    run_stage([*launch, "train.py", f"data.train_shards='{shards}'", f"data.labels_dir={labels_dir(a, s['k'], shards)}",
-         f"out_dir='{out}'", f"seed={seed}", f"loss={KIND_LOSS[s['kind']]}", f"data.num_labels={s['l']}",
-         f"loss.sample_ratio={s['r']}", f"optim.lr={s['lr']}", f"loss.margin={s['margin']}", *a.train, *extra],
-        "ablate", out / "ablate.log")
+    run_stage([*launch, "train.py", *train_overrides(a, s, seed, shards, labels_dir(a, s["k"], shards), out, extra)],
+              "ablate", out / "ablate.log")
     t1 = time.time()
     run_stage([sys.executable, "eval_linear_probe.py", "backbone.type=mlcd", f"backbone.path='{out}'",
          "datasets=[fashion_mnist]", f"out_dir='{out / 'eval'}'", f"cache_dir='{out / 'eval' / 'cache'}'", *a.eval],
@@ -320,6 +332,7 @@ def main(argv=None) -> dict:
     tuning_file = Path(a.run_dir) / "tuning.json"
     if a.report_only:  # what has finished, tuning included (a kind counts as tuned once all its tries are done)
         return report(a, *tune(a, None))
+    check_settings(a)
     shards = shards_pattern(a)
     for k in sorted({setting(a, row, {})["k"] for _, row in grid_rows(a)}):
         labels_dir(a, k, shards)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from runners.kit import REPO, load_runner_config, run_stage, show
+from runners.kit import REPO, check_stage, fmnist_shards, load_runner_config, run_stage, show
 
 CONFIG = REPO / "configs" / "demo.yaml"
 
@@ -23,28 +23,21 @@ def run(cmd: list[str], timings: list) -> None:
     timings.append({"cmd": show(cmd), "seconds": run_stage(cmd, "demo")})
 
 
-def shard_pattern(shard_dir: Path, prefix: str) -> str:
-    """The brace pattern covering the shards listed in the writer's manifest."""
-    manifest = json.loads((shard_dir / "manifest.json").read_text())
-    n = len(manifest["shards"])
-    return str(shard_dir / f"{prefix}-{{000000..{n - 1:06d}}}.tar")
-
-
 def main(argv=None) -> dict:
     cfg = load_runner_config(CONFIG, argv, __doc__)
     d = cfg.demo
     py = sys.executable
     data_dir, run_dir = Path(d.data_dir), Path(d.run_dir)
     shard_dir, cluster_dir, eval_dir = data_dir / "shards", data_dir / "cluster", run_dir / "eval"
+    check_stage("demo", "cluster", [f"shards='{shard_dir}/x.tar'", f"out_dir='{cluster_dir}'", *d.cluster_overrides])
+    check_stage("demo", "train", [f"data.train_shards='{shard_dir}/x.tar'", f"data.labels_dir='{cluster_dir}'",
+                                  f"out_dir='{run_dir}'", *d.train_overrides], d.nproc_per_node)
     timings: list = []
     t_start = time.time()
 
     # 1. Fashion-MNIST (Debian's package, else torchvision's download) -> webdataset shards
-    if not (shard_dir / "manifest.json").exists():
-        cmd = [py, "-m", "mlcd.data.make_shards", "--source", "fashion_mnist", "--split", "train",
-               "--out", str(shard_dir), "--prefix", "fmnist-train", "--max-per-shard", str(d.max_per_shard)]
-        run(cmd + (["--limit", str(d.limit)] if d.limit else []), timings)
-    shards = shard_pattern(shard_dir, "fmnist-train")
+    shards, _, made = fmnist_shards(shard_dir, d.max_per_shard, d.limit, "demo")
+    timings += [made] if made else []
 
     # 2. CLIP features -> k-means centers -> top-k labels per image
     run([py, "cluster.py", f"shards='{shards}'", f"out_dir={cluster_dir}", *d.cluster_overrides], timings)

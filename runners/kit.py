@@ -37,7 +37,7 @@ def load_runner_config(config_path: Path, argv: list[str] | None, usage: str) ->
               f"key=value):\n\n{OmegaConf.to_yaml(defaults, resolve=True)}", end="")
         raise SystemExit(0)
     tree = OmegaConf.to_container(defaults)
-    see = f"(see python -m mlcd.{who} --help)"
+    see = f"(see python -m runners.{who} --help)"
     overrides = []
     for arg in argv:
         key, eq, _ = arg.partition("=")
@@ -113,6 +113,50 @@ def run_stage(cmd: list[str], who: str, log: Path | None = None) -> float:
         raise SystemExit(f"{tail}\n{who}: stage failed (exit {proc.returncode})"
                          f"{f', log {log}' if log else ''}: {show(cmd)}")
     return round(time.time() - t0, 1)
+
+
+def compose(stage: str, overrides=()) -> DictConfig:
+    """The config `<stage>.py` (train | cluster) will run with these overrides: hydra's compose over configs/<stage>,
+    the same defaults, groups and grammar; nothing runs."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(str(REPO / "configs" / stage), version_base=None):
+        return hydra_compose(stage, overrides=list(overrides))
+
+
+def check_stage(who: str, stage: str, overrides, world: int = 1) -> DictConfig:
+    """The stage's own validator (mlcd.validate) on a config this runner composed, before any work: a bad setting
+    in the last cell of a grid is refused now, not after hours. The stage's inputs may not exist yet (the stage
+    before makes them), so only the settings are judged. Returns the composed config."""
+    import torch
+    from hydra.errors import HydraException
+
+    from mlcd import validate
+
+    try:
+        cfg = compose(stage, overrides)
+        if stage == "train":
+            validate.check_train_config(cfg, world, torch.device("cpu"), inputs=False)
+        else:
+            validate.check_cluster_config(cfg)
+    except (ValueError, HydraException, OmegaConfBaseException) as e:
+        raise SystemExit(f"{who}: {stage}.py would refuse this setting: {' '.join(str(e).split())}\n"
+                         f"  {stage}.py {show(list(overrides))}") from None
+    return cfg
+
+
+def fmnist_shards(shard_dir, max_per_shard: int, limit, who: str, log: Path | None = None):
+    """(brace pattern, tar paths, {cmd, seconds} or None) of Fashion-MNIST train as shards in `shard_dir`, made when
+    missing: the writer's manifest, written last, says they are complete. The third item is the run, when it ran."""
+    sd = Path(shard_dir)
+    ran = None
+    if not (sd / "manifest.json").exists():
+        cmd = [sys.executable, "-m", "mlcd.data.make_shards", "--source", "fashion_mnist", "--split", "train",
+               "--out", str(sd), "--prefix", "fmnist-train", "--max-per-shard", str(max_per_shard),
+               *(["--limit", str(limit)] if limit else [])]
+        ran = {"cmd": show(cmd), "seconds": run_stage(cmd, who, log)}
+    names = [s["name"] for s in json.loads((sd / "manifest.json").read_text())["shards"]]
+    return f"{sd}/fmnist-train-{{000000..{len(names) - 1:06d}}}.tar", [sd / n for n in names], ran
 
 
 def load_marker(path: Path) -> dict | None:

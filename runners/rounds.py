@@ -29,9 +29,10 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from mlcd import fileio
-from runners.stats import probe_scores
 from mlcd.data.labels import read_shard_labels
-from runners.kit import REPO, load_marker, load_runner_config, run_once, run_stage
+from mlcd.validate import refuse_other_settings
+from runners.stats import probe_scores
+from runners.kit import REPO, check_stage, compose, fmnist_shards, load_marker, load_runner_config, run_once
 
 CONFIG = REPO / "configs" / "rounds.yaml"
 STAGES = ("cluster", "train", "eval")
@@ -48,28 +49,21 @@ def clustering_dir(r, root: Path, i: int) -> Path:
 
 # ------------------------------------------------------------------------------------------------ checks
 def train_model_cfg(train_overrides) -> dict:
-    """The model config train.py will build with these overrides (hydra compose: reads configs, runs nothing)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(str(REPO / "configs" / "train"), version_base=None):
-        cfg = compose("train", overrides=list(train_overrides))
-    return OmegaConf.to_container(cfg.model, resolve=True)
+    """The model config train.py will build with these overrides."""
+    return OmegaConf.to_container(compose("train", train_overrides).model, resolve=True)
 
 
 def check_init(path, model_cfg: dict, what: str) -> Path:
     """The checkpoint a training will start from: it exists and its model is the config's (train.py's rule:
     only image_size and name may differ). Returns the checkpoint directory."""
     from mlcd.models.loading import find_checkpoint, read_manifest
+    from mlcd.train.checkpoint import check_same_model
 
     try:
         ckpt = find_checkpoint(path)
-    except FileNotFoundError as e:
-        raise SystemExit(f"rounds: {what}={path}: {e}") from None
-    theirs = read_manifest(ckpt).get("model", {})
-    for key in sorted(set(theirs) | set(model_cfg)):
-        if key not in ("image_size", "name") and theirs.get(key) != model_cfg.get(key):
-            raise SystemExit(f"rounds: {what}={ckpt}: model.{key} is {theirs.get(key)!r} there but "
-                             f"{model_cfg.get(key)!r} in the training config (rounds.train): it cannot initialise it")
+        check_same_model(read_manifest(ckpt).get("model", {}), model_cfg, ckpt)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"rounds: {what}={path}: {e}: it cannot initialise rounds.train") from None
     return ckpt
 
 
@@ -87,11 +81,16 @@ def check(r, root: Path) -> dict:
     old = load_marker(root / "settings.json")
     if old is not None:
         old.setdefault("recluster", True)  # roots made before the setting existed re-clustered every round
-    if old is not None and old != settings:
-        diff = "; ".join(f"rounds.{k}: {old.get(k)!r} there, {settings[k]!r} now" for k in SETTINGS
-                         if old.get(k) != settings[k])
-        raise SystemExit(f"rounds: {root} holds rounds made with other settings ({diff}); "
-                         "choose another rounds.root, or delete it to start over")
+    if old is not None:
+        try:
+            refuse_other_settings({f"rounds.{k}": v for k, v in old.items()},
+                                  {f"rounds.{k}": v for k, v in settings.items()}, f"rounds: {root}",
+                                  "Choose another rounds.root, or delete it to start over.")
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    check_stage("rounds", "cluster", [f"shards='{r.shards_dir}/x.tar'", f"out_dir='{root}'", *r.cluster])
+    check_stage("rounds", "train", [f"data.train_shards='{r.shards_dir}/x.tar'", f"data.labels_dir='{root}'",
+                                    f"out_dir='{root}'", *r.train], r.nproc)
     if r.init_from:
         check_init(r.init_from, train_model_cfg(r.train), "rounds.init_from")
     for i in range(r.num_rounds):  # a finished training the next round builds on must still be there
@@ -106,12 +105,7 @@ def check(r, root: Path) -> dict:
 def shards_pattern(r) -> tuple[str, list[Path]]:
     """(brace pattern, tar paths) of the demo's shards, made when missing."""
     sd = Path(r.shards_dir)
-    if not (sd / "manifest.json").exists():
-        run_stage([sys.executable, "-m", "mlcd.data.make_shards", "--source", "fashion_mnist", "--split", "train",
-                   "--out", str(sd), "--prefix", "fmnist-train", "--max-per-shard", str(r.max_per_shard),
-                   *(["--limit", str(r.limit)] if r.limit else [])], "rounds", sd.parent / "make_shards.log")
-    names = [s["name"] for s in json.loads((sd / "manifest.json").read_text())["shards"]]
-    return f"{sd}/fmnist-train-{{000000..{len(names) - 1:06d}}}.tar", [sd / n for n in names]
+    return fmnist_shards(sd, r.max_per_shard, r.limit, "rounds", sd.parent / "make_shards.log")[:2]
 
 
 def one_round(r, root: Path, i: int, shards: str) -> None:

@@ -70,6 +70,25 @@ def test_misspelled_key_is_refused_before_any_work(runner, tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []  # refused before any work: no out dir was made
 
 
+STAGE_LISTS = {"demo": ("demo.train_overrides", "demo.cluster_overrides"), "ablate": ("ablate.train", "ablate.cluster"),
+               "rounds": ("rounds.train", "rounds.cluster")}
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize("stage, bad, why", [("train", "train.precision=fp16", "train.precision=fp16 is not supported"),
+                                             ("cluster", "kmeans.niter=0", "kmeans.niter=0: must be an integer >= 1")])
+def test_a_stage_setting_the_stage_would_refuse_is_refused_before_any_work(runner, stage, bad, why, tmp_path,
+                                                                           monkeypatch):
+    """Each runner puts the configs it composes through the stages' own validators (mlcd.validate) first."""
+    mod = importlib.import_module(f"runners.{runner}")
+    key = STAGE_LISTS[runner][stage == "cluster"]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        mod.main([*_outs(runner, tmp_path), f"{key}=[{bad}]"])
+    assert f"{runner}: {stage}.py would refuse this setting: {why}" in str(e.value.code)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_misspelled_key_as_a_command_exits_nonzero_naming_it(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "runners.demo", *_outs("demo", tmp_path), "demo.limt=100"],

@@ -190,7 +190,7 @@ def test_checkpoint_mismatch_is_an_error_naming_the_field(dataset, reference_run
     labels30 = tmp_path / "labels30"  # a clustering of 30 centers over the same shards: the checkpoint has 23
     shutil.copytree(dataset[1], labels30)
     (labels30 / "manifest.json").write_text(json.dumps({"num_classes": 30}))
-    with pytest.raises(ValueError, match="num_classes is 23 in the checkpoint but 30 in the config"):
+    with pytest.raises(ValueError, match="num_classes: 23 there, 30 now"):
         _run_inprocess(_compose((dataset[0], str(labels30)), run, **{"train.total_steps": 14}))
     with pytest.raises(ValueError, match="model"):
         _run_inprocess(_compose(dataset, run, **{"model.layers": 3, "train.total_steps": 14}))

@@ -85,9 +85,10 @@ def run(cfg, cfg_dict: dict, urls: list[str], device_id=None) -> None:
     from tqdm import tqdm
 
     from mlcd import dist, fileio
-    from mlcd.cluster.files import check_same, load_json, read_features, sample_rows, versions
+    from mlcd.cluster.files import RESUME_ELSEWHERE, load_json, read_features, sample_rows, versions
     from mlcd.cluster.kmeans import use_gpu
     from mlcd.cluster.report import update_manifest
+    from mlcd.validate import refuse_other_settings
     from mlcd.data.labels import has_shard_labels, shard_stem, write_shard_labels
 
     out, ac = Path(cfg.out_dir), cfg.assign
@@ -110,7 +111,8 @@ def run(cfg, cfg_dict: dict, urls: list[str], device_id=None) -> None:
         labels_dir.mkdir(parents=True, exist_ok=True)
         old = load_json(man_path)
         if old and any(has_shard_labels(labels_dir, s) for s in stems):  # a failed start blocks nothing
-            check_same(man_path, old.get("settings", {}), settings, "labels")
+            refuse_other_settings(old.get("settings", {}), settings, f"{man_path.parent} (labels)", RESUME_ELSEWHERE,
+                                  only_shared=True)
         if not old.get("complete"):
             fileio.write_json(man_path, {**old, "settings": settings, "complete": False, "config": cfg_dict})
     dist.barrier()

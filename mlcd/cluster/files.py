@@ -64,13 +64,13 @@ def versions() -> dict:
     return out
 
 
+RESUME_ELSEWHERE = "Use another out_dir or delete the old outputs."
+
+
 def check_same(manifest_path, have: dict, want: dict, what: str) -> None:
-    """Fail clearly when an existing output was made with different settings (resume safety)."""
-    diff = {k: (have.get(k), v) for k, v in want.items() if k in have and have.get(k) != v}
-    if diff:
-        lines = "; ".join(f"{k}: existing {a!r} vs config {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"{manifest_path}: existing {what} were made with other settings ({lines}). "
-                         "Use another out_dir or delete the old outputs.")
+    """Until extract.py calls mlcd.validate.refuse_other_settings itself (being reworked)."""
+    from mlcd.validate import refuse_other_settings
+    refuse_other_settings(have, want, f"{Path(manifest_path).parent} ({what})", RESUME_ELSEWHERE, only_shared=True)
 
 
 # ---- features ------------------------------------------------------------------------------------

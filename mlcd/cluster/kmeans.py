@@ -340,8 +340,9 @@ def run(cfg, cfg_dict: dict, stems: list[str]) -> None:
     from pathlib import Path
 
     from mlcd import fileio
-    from mlcd.cluster.files import check_same, load_json, sample_rows, sha256
+    from mlcd.cluster.files import RESUME_ELSEWHERE, load_json, sample_rows, sha256
     from mlcd.cluster.report import plot_sizes, update_manifest
+    from mlcd.validate import refuse_other_settings
 
     out, kc = Path(cfg.out_dir), cfg.kmeans
     fman_path = out / "features" / "manifest.json"
@@ -353,7 +354,8 @@ def run(cfg, cfg_dict: dict, stems: list[str]) -> None:
     man_path = out / "manifest.json"
     old = load_json(man_path).get("kmeans")
     if (out / "centers.npy").exists() and old is not None:
-        check_same(man_path, old["settings"], settings, "centers")
+        refuse_other_settings(old["settings"], settings, f"{man_path.parent} (centers)", RESUME_ELSEWHERE,
+                              only_shared=True)
         print(f"kmeans: {out / 'centers.npy'} exists with the same settings; skipping")
         return
     k, mppc = int(kc.k), int(kc.max_points_per_centroid)

@@ -33,6 +33,7 @@ from mlcd import dist, fileio
 from mlcd.models.loading import BACKBONE, MANIFEST, find_checkpoint, list_checkpoints, load_backbone_weights, read_manifest
 from mlcd.partial_fc import ShardSpec
 from mlcd.train.sharding import full_state, load_full_state
+from mlcd.validate import refuse_other_settings
 
 __all__ = ["Checkpointer", "CheckpointWriteError", "save", "restore", "init_from", "init_model_config", "resolve_resume", "find_checkpoint", "list_checkpoints",
            "read_manifest", "load_center_shard", "load_center_states", "reshard", "check_compatible"]
@@ -250,11 +251,8 @@ def save(ckpt_root, step: int, backbone: torch.nn.Module, backbone_opt, pfc, cen
 # ---------------------------------------------------------------------------------------------- restore
 def check_compatible(manifest: dict, expected: dict, ckpt_dir) -> None:
     """A checkpoint that does not match the config is an error naming the field, never a silent re-init."""
-    for key, want in expected.items():
-        have = manifest.get(key)
-        if have != want:
-            raise ValueError(f"checkpoint {ckpt_dir} does not match the config: {key} is {have!r} in the "
-                             f"checkpoint but {want!r} in the config")
+    refuse_other_settings({k: manifest.get(k) for k in expected}, expected, f"checkpoint {ckpt_dir}",
+                          "Resume it under its own settings, or start this run in another out_dir.")
 
 
 def resolve_resume(resume, ckpt_root) -> Path | None:
@@ -364,7 +362,8 @@ def init_from(src, model, pfc, with_centers: bool, identity: dict) -> str:
             f"{', class centers' if with_centers else ''})")
 
 
-def _check_same_model(theirs: dict, ours: dict, src) -> None:
+def check_same_model(theirs: dict, ours: dict, src) -> None:
+    """train.py's rule for an init source: its model is the config's, MAY_DIFFER aside."""
     for key in sorted(set(theirs) | set(ours)):
         if key not in MAY_DIFFER and theirs.get(key) != ours.get(key):
             raise ValueError(f"train.init_from={src}: model.{key} is {theirs.get(key)!r} there but "
@@ -385,7 +384,7 @@ def _load_resized(model: torch.nn.Module, state: dict) -> list[str]:
 def init_backbone_from(model: torch.nn.Module, ckpt_dir, model_cfg: dict) -> list[str]:
     """Load another run's backbone into `model`. The architecture must match in everything but `image_size` and
     the `name` label (an error names the field otherwise). Returns the resized keys."""
-    _check_same_model(read_manifest(ckpt_dir)["model"], model_cfg, ckpt_dir)
+    check_same_model(read_manifest(ckpt_dir)["model"], model_cfg, ckpt_dir)
     return _load_resized(model, load_backbone_weights(ckpt_dir))
 
 
@@ -396,7 +395,7 @@ def init_backbone_from_hf(model: torch.nn.Module, hf_dir, model_cfg: dict):
     from mlcd.models.hf import from_hf_state_dict, hf_source, read_hf_weights
 
     source = hf_source(hf_dir)
-    _check_same_model(source.model, model_config(model_cfg), hf_dir)
+    check_same_model(source.model, model_config(model_cfg), hf_dir)
     state = {k: v.float() for k, v in from_hf_state_dict(source.model, read_hf_weights(hf_dir)).items()}
     return _load_resized(model, state), source
 
