@@ -8,7 +8,7 @@ Writes bench/results/data.json.
 
 Targets: the loader (1 worker) reaches at least 0.9x the plain loop's images/s; the decode=gpu path on the CPU is
 not slower per CPU-second than the decode=cpu loader (median over rounds of the per-round ratio >= 1).
-The capacity planner (mlcd/plan.py) takes images_per_s_best.loader_1_worker as one worker's rate: keep that key.
+The capacity planner (plan.py) takes images_per_s_best.loader_1_worker as one worker's rate: keep that key.
 On a GPU the decode=gpu rate is measured by bench/gpu_check.py (`make gpu-check`, check `decode`).
 """
 import argparse

@@ -29,7 +29,7 @@ skips the steps it finds there (sizes must match; delete the JSON and the work d
     over num_classes in the cluster stage's label format: 2 gloo ranks under torchrun, killed with SIGKILL (torchrun
     and every rank's process group) once the first checkpoint lands, resumed on 3 ranks to the end, exported to
     Hugging Face (mlcd.export_hf) and probed on Fashion-MNIST (eval_linear_probe.py backbone.type=hf). Per-rank peak
-    RSS (VmHWM, polled from /proc) is set beside `python -m mlcd.plan ... gpu=cpu --json` (tensor bytes only).
+    RSS (VmHWM, polled from /proc) is set beside `python plan.py ... gpu=cpu --json` (tensor bytes only).
     --small trains model=vit_tiny at 10k classes and fixes the probe's L2 strength (probe.lam; the search alone took
     7 min on a loaded box, see the findings in the JSON).
 """
@@ -682,7 +682,7 @@ def runtime_baseline() -> dict:
 
 
 def plan_for(world: int, overrides: list[str]) -> dict:
-    cmd = [PY, "-m", "mlcd.plan", "experiment=laion400m_vitb32", f"world_size={world}", "gpu=cpu",
+    cmd = [PY, "plan.py", "experiment=laion400m_vitb32", f"world_size={world}", "gpu=cpu",
            *[o for o in overrides if not o.startswith(("logging.", "train.progress_bar"))], "--json"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
     plan = json.loads(p.stdout)

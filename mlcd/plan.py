@@ -1,13 +1,6 @@
-"""Capacity planner: what one GPU holds and how long the schedule takes, for a training config, before renting GPUs.
-
-    python -m mlcd.plan experiment=laion400m_vitl14 world_size=80 train.global_batch_size=32800 [gpu=h100] [--json]
-
-Reads the same config tree as train.py (any train.py override works; a key the config lacks is refused, as
-train.py refuses it: +key=value adds one). Planner options: world_size (required), gpu (a key of GPUS; cpu = fp32
-without a step time), mfu (fraction of the GPU's peak sustained on the FLOPs it runs, recompute included, default
-0.4), num_labels (l when neither data.num_labels nor the labels manifest gives it; else the paper's 8), loader_rate
-(images/s one DataLoader worker decodes and augments; default the measured rate in bench/results/data.json),
-out (also write the plan as JSON there), --json (print JSON instead of the table), -h/--help (this text).
+"""The capacity planner's model: what one GPU holds and how long the schedule takes, for a composed training
+config. plan.py at the repo root is its command line (it composes the config and reads the measured loader rate,
+files an installed package does not have).
 
 Memory per rank = bytes of the tensors the code materialises (no allocator slack, CUDA context or NCCL buffers):
   backbone     fp32 weights P, fp32 gradients P, AdamW exp_avg + exp_avg_sq 2P, DDP's gradient buckets P (world > 1,
@@ -45,18 +38,14 @@ loader-bound: step time and days become the loader's (compute-bound days printed
 much. The default rate was measured on 500x375 JPEGs -> 224 px crops on a 2-core CPU; a 336 px crop costs more,
 and a cluster's cores differ: measure yours (bench/data.py) and pass loader_rate=.
 """
-import difflib
 import json
 import math
-import re
-import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from mlcd.data.labels import resolve_num_classes
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
 GIB = 2**30
 
 # name: (memory in bytes as nvidia-smi reports it, dense bf16 tensor-core peak FLOP/s from NVIDIA's data sheets)
@@ -67,14 +56,13 @@ GPUS = {
     "h200": (143771 * 2**20, 989e12),   # SXM 141 GB, the H100's compute
     "cpu": (None, None),                # fp32, no step time: for checking the memory model against CPU runs
 }
-PLAN_KEYS = ("world_size", "gpu", "mfu", "num_labels", "loader_rate", "out")
 DEFAULT_NUM_LABELS = 8      # the paper's l (cluster.py's assign.topk default)
 HEADROOM = 0.9              # a plan "fits" below 90% of the GPU: CUDA context, NCCL buffers, allocator slack
-LOADER_BENCH = Path(__file__).resolve().parents[1] / "bench" / "results" / "data.json"
-# Used when LOADER_BENCH is missing: images/s of one DataLoader worker, bench/results/data.json when copied
-# (bench/data.py: webdataset shards of 500x375 q90 JPEGs -> RandomResizedCrop 224 bicubic + flip + normalize,
-# best of 8 rounds on a shared 2-core x86 CPU, torch 2.14, Pillow 13).
+# images/s of one DataLoader worker, bench/results/data.json when copied (bench/data.py: webdataset shards of
+# 500x375 q90 JPEGs -> RandomResizedCrop 224 bicubic + flip + normalize, best of 8 rounds on a shared 2-core x86 CPU,
+# torch 2.14, Pillow 13). plan() uses it unless told a measured rate (plan.py passes the benchmark's file).
 LOADER_RATE_MEASURED = 199.1
+COPIED_RATE = (LOADER_RATE_MEASURED, "bench/data.py's measurement, as copied into mlcd/plan.py")
 
 
 # ---------------------------------------------------------------------------------------------- the ViT
@@ -152,26 +140,6 @@ def sampled_columns(n_local: int, positives: float, ratio: float, rule: str) -> 
 
 
 # ---------------------------------------------------------------------------------------------- config
-def load_config(overrides=()):
-    """The train.py config for these overrides (hydra's compose API: the same defaults, groups and grammar).
-    Hydra's errors become a ValueError naming the override, so a misspelled key or planner option is one clear line."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        try:
-            return compose(config_name="train", overrides=list(overrides))
-        except HydraException as e:
-            unknown = re.match(r"Could not override '([^']+)'", str(e))
-            if not unknown:
-                raise ValueError(str(e)) from None
-            key = unknown.group(1)
-            arg = next((a for a in overrides if a.partition("=")[0] == key), key)
-            close = difflib.get_close_matches(key, PLAN_KEYS, n=1)
-            raise ValueError(f"{arg}: {key!r} is neither a planner option ({', '.join(PLAN_KEYS)}) nor a key of "
-                             "the train config; " + (f"did you mean {close[0]}=?" if close else
-                                                     f"+{arg} would add it to the config")) from None
-
-
 def _labels_manifest(cfg) -> dict:
     path = Path(str(cfg.data.labels_dir)) / "manifest.json"
     return json.loads(path.read_text()) if path.exists() else {}
@@ -189,19 +157,12 @@ def resolve_num_labels(cfg, num_labels=None) -> tuple[int, str]:
     return DEFAULT_NUM_LABELS, "assumed: the paper's; set num_labels=..."
 
 
-def loader_rate_per_worker() -> tuple[float, str]:
-    """(images/s of one DataLoader worker, where it came from): the data benchmark's measurement, else its copy."""
-    try:
-        rate = float(json.loads(LOADER_BENCH.read_text())["images_per_s_best"]["loader_1_worker"])
-        return rate, "bench/results/data.json"
-    except (OSError, ValueError, KeyError, TypeError):
-        return LOADER_RATE_MEASURED, "bench/data.py's measurement, as copied into mlcd/plan.py"
-
-
 # ---------------------------------------------------------------------------------------------- the plan
 def plan(cfg, world_size: int, gpu: str = "a100-80gb", mfu: float = 0.4, num_labels=None,
-         loader_rate=None) -> dict:
-    """Per-rank memory (bytes), FLOPs and schedule time for a composed train config; see the module docstring."""
+         loader_rate=None, measured_rate: tuple[float, str] = COPIED_RATE) -> dict:
+    """Per-rank memory (bytes), FLOPs and schedule time for a composed train config; see the module docstring.
+    loader_rate is the user's images/s per worker (it also judges data.decode=gpu); measured_rate, (rate, source),
+    stands in when it is not given: the package cannot read the benchmark's file, so plan.py passes it."""
     if gpu not in GPUS:
         raise ValueError(f"gpu={gpu!r}: must be one of {sorted(GPUS)}")
     if not isinstance(world_size, int) or world_size < 1:
@@ -299,7 +260,7 @@ def plan(cfg, world_size: int, gpu: str = "a100-80gb", mfu: float = 0.4, num_lab
             time["loader_note"] = ("data.decode=gpu: the loader's rate is the GPU decoder's, not measured here; "
                                    "make gpu-check measures it, pass it as loader_rate=")
         elif str(cfg.data.get("source", "shards")) != "synthetic":     # synthetic batches decode nothing
-            rate, rate_source = (float(loader_rate), "loader_rate") if loader_rate else loader_rate_per_worker()
+            rate, rate_source = (float(loader_rate), "loader_rate") if loader_rate else measured_rate
             workers = int(cfg.data.num_workers)
             needed, fed = G / world_size / step_s, max(workers, 1) * rate
             loader = {"num_workers": workers, "rate_per_worker": rate, "rate_source": rate_source,
@@ -414,52 +375,3 @@ def loader_warning(p: dict) -> str:
             f"{c['total_steps']:,} steps take {tm['loader_days']:.1f} days, not {tm['compute_days']:.1f}; it takes "
             f"data.num_workers={ld['workers_needed']} at this rate (CPU cores per GPU allowing; measure yours with "
             f"bench/data.py and pass loader_rate=), or data.decode=gpu to decode on the GPU")
-
-
-def parse_args(argv):
-    """Split planner options (PLAN_KEYS, --json, -h/--help) from train.py's hydra overrides; load_config refuses the
-    overrides whose key the config lacks."""
-    opts, overrides = {"json": False}, []
-    for arg in argv:
-        key, eq, value = arg.partition("=")
-        if arg in ("-h", "--help"):
-            return {"help": True}, []
-        if arg == "--json":
-            opts["json"] = True
-        elif arg.startswith("-") and not eq:
-            raise ValueError(f"unknown flag {arg}: the planner takes --json and -h/--help (see --help)")
-        elif eq and key in PLAN_KEYS:
-            opts[key] = value
-        else:
-            overrides.append(arg)
-    if "world_size" not in opts:
-        raise ValueError("world_size=N is required: the number of GPUs (ranks) the run will use")
-    for key, cast in (("world_size", int), ("mfu", float), ("num_labels", int), ("loader_rate", float)):
-        if key in opts:
-            try:
-                opts[key] = cast(opts[key])
-            except ValueError:
-                raise ValueError(f"{key}={opts[key]!r} is not a {cast.__name__}") from None
-    return opts, overrides
-
-
-def main(argv=None):
-    opts, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    if opts.get("help"):
-        print(__doc__)
-        return None
-    p = plan(load_config(overrides), opts["world_size"], opts.get("gpu", "a100-80gb"), opts.get("mfu", 0.4),
-             opts.get("num_labels"), opts.get("loader_rate"))
-    if opts.get("out"):
-        Path(opts["out"]).write_text(json.dumps(p, indent=2) + "\n")
-    print(json.dumps(p, indent=2) if opts["json"] else format_table(p))
-    if opts["json"] and p["loader"] and p["loader"]["bound"]:
-        print(loader_warning(p).strip(), file=sys.stderr)     # the JSON holds it too; a terminal should still see it
-    return p
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        sys.exit(f"mlcd.plan: {e}")

@@ -72,3 +72,20 @@ def test_the_package_imports_no_runner_and_defines_each_shared_name_once():
         assert len(defined.get(name, [])) == 1, (name, defined.get(name))
     for name in ("PRECISIONS", "STAGES"):  # the entry scripts take them from mlcd.validate
         assert f"\n{name} = " not in (ROOT / "cluster.py").read_text(), name
+
+
+def test_the_package_reads_no_repo_files():
+    """`pip install .` ships mlcd/ alone: code under it must not name the repo's configs/ or bench/results/ as a path
+    (the entry scripts at the root read them and pass what they found). Docstrings and comments may mention them."""
+    import ast
+    path_like = re.compile(r"^(configs|bench)$|(^|/)configs/|bench/results")
+    found = []
+    for path in sorted((ROOT / "mlcd").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        found += [f"{path.relative_to(ROOT).as_posix()}:{n.lineno}: {n.value!r}" for n in ast.walk(tree)
+                  if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs
+                  and path_like.search(n.value)]
+    assert not found, found

@@ -1,4 +1,4 @@
-"""The capacity planner (mlcd/plan.py) against independent measurements:
+"""The capacity planner (mlcd/plan.py, its command line plan.py) against independent measurements:
 - parameter count and forward FLOPs of every model config vs the built model (torch's FlopCounterMode);
 - the logits width (positives + sampled negatives) vs PartialFC's real sampling at the paper's scale;
 - the planned peak memory vs the measured peak of real training runs (train.py's loop, CPU fp32, 1 and 2 ranks).
@@ -20,8 +20,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import plan as plan_cli
 from mlcd import plan as planner
-from mlcd.plan import GIB, load_config, plan
+from mlcd.plan import GIB, plan
+from plan import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = sorted(p.stem for p in (ROOT / "configs" / "train" / "model").glob("*.yaml"))
@@ -103,13 +105,13 @@ def test_plan_errors_name_the_value(kwargs, message):
 
 def test_parse_args_errors():
     with pytest.raises(ValueError, match="world_size=N is required"):
-        planner.parse_args(["experiment=laion400m_vitb32"])
+        plan_cli.parse_args(["experiment=laion400m_vitb32"])
     with pytest.raises(ValueError, match="world_size='eight' is not a int"):
-        planner.parse_args(["world_size=eight"])
-    opts, overrides = planner.parse_args(["world_size=8", "gpu=h200", "--json", "model=vit_b16", "loss.margin=0.2"])
+        plan_cli.parse_args(["world_size=eight"])
+    opts, overrides = plan_cli.parse_args(["world_size=8", "gpu=h200", "--json", "model=vit_b16", "loss.margin=0.2"])
     assert opts == {"json": True, "world_size": 8, "gpu": "h200"} and overrides == ["model=vit_b16", "loss.margin=0.2"]
-    assert planner.parse_args(["experiment=laion400m_vitb32", "--help"]) == ({"help": True}, [])
-    assert planner.parse_args(["world_size=8", "loader_rate=90"])[0]["loader_rate"] == 90.0
+    assert plan_cli.parse_args(["experiment=laion400m_vitb32", "--help"]) == ({"help": True}, [])
+    assert plan_cli.parse_args(["world_size=8", "loader_rate=90"])[0]["loader_rate"] == 90.0
 
 
 # ---------------------------------------------------------------------------------------------- time: recompute, loader
@@ -134,9 +136,9 @@ def test_checkpointing_recompute_is_in_step_time():
 def test_loader_bound_b32_on_80_gpus(capsys):
     """B/32 on 80 GPUs consumes ~4,555 img/s per GPU; 8 workers at the measured ~199 img/s feed ~1,593: loader-bound
     by ~2.9x, and the days are the loader's."""
-    rate, source = planner.loader_rate_per_worker()
+    rate, source = plan_cli.loader_rate_per_worker()
     assert source == "bench/results/data.json" and rate == planner.LOADER_RATE_MEASURED   # the copy is current
-    p = planner.main(["experiment=laion400m_vitb32", "world_size=80"])
+    p = plan_cli.main(["experiment=laion400m_vitb32", "world_size=80"])
     ld, tm = p["loader"], p["time"]
     assert ld["needed_per_gpu"] == pytest.approx(4_555, abs=1) and ld["available_per_gpu"] == 8 * rate
     assert ld["bound"] and ld["factor"] == pytest.approx(4_555 / (8 * rate), rel=1e-3) and 2.8 < ld["factor"] < 3.0
@@ -148,19 +150,19 @@ def test_loader_bound_b32_on_80_gpus(capsys):
 
 
 def test_loader_rate_override_and_fallback(capsys, monkeypatch):
-    p = planner.main(["experiment=laion400m_vitb32", "world_size=80", "loader_rate=1e6"])
+    p = plan_cli.main(["experiment=laion400m_vitb32", "world_size=80", "loader_rate=1e6"])
     assert not p["loader"]["bound"] and p["loader"]["rate_source"] == "loader_rate"
     assert p["time"]["days"] == p["time"]["compute_days"] and "WARNING" not in capsys.readouterr().out
     p = plan(load_config(["experiment=laion400m_vitb32", "data.source=synthetic"]), 80)
     assert p["loader"] is None and p["time"]["days"] == p["time"]["compute_days"]
-    monkeypatch.setattr(planner, "LOADER_BENCH", Path("/nonexistent/data.json"))
-    assert planner.loader_rate_per_worker()[0] == planner.LOADER_RATE_MEASURED
+    monkeypatch.setattr(plan_cli, "LOADER_BENCH", Path("/nonexistent/data.json"))
+    assert plan_cli.loader_rate_per_worker()[0] == planner.LOADER_RATE_MEASURED
 
 
 @pytest.mark.slow
 def test_cli_help_and_unknown_keys():
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "mlcd.plan", *args], cwd=ROOT, capture_output=True, text=True,
+        return subprocess.run([sys.executable, "plan.py", *args], cwd=ROOT, capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     for flag in ("--help", "-h"):
         r = run(flag)
@@ -171,14 +173,14 @@ def test_cli_help_and_unknown_keys():
     with pytest.raises(ValueError, match=r"train.grad_acum=2: 'train.grad_acum' is neither .* \+train.grad_acum=2"):
         load_config(["train.grad_acum=2"])
     with pytest.raises(ValueError, match="unknown flag --jsn"):
-        planner.parse_args(["world_size=8", "--jsn"])
+        plan_cli.parse_args(["world_size=8", "--jsn"])
     assert load_config(["+train.extra=1"]).train.extra == 1                 # hydra's + still adds a key
 
 
 @pytest.mark.slow
 def test_cli_table_json_and_error(tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "mlcd.plan", *args], cwd=ROOT, capture_output=True, text=True,
+        return subprocess.run([sys.executable, "plan.py", *args], cwd=ROOT, capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     out = tmp_path / "plan.json"
     r = run("experiment=laion400m_vitb32", "world_size=80", "gpu=h100", f"out={out}")

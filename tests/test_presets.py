@@ -38,7 +38,7 @@ TRAIN_COMMON = {
     "data.crop_scale": ([0.08, 1.0], "ours: not stated; DALI's random_resized_crop default (the paper loads with DALI)"),
     "data.segment_steps": (2000, "ours: measured rebuild cost, bench/results/startup.json; = ckpt_every: no replay"),
     "train.ckpt_every": (2000, "ours: a multiple of data.segment_steps"),
-    "data.num_workers": (8, "ours: 8 decoders per GPU; `python -m mlcd.plan` says what they feed"),
+    "data.num_workers": (8, "ours: 8 decoders per GPU; `python plan.py` says what they feed"),
     "logging.wandb.mode": (None, "ours: $WANDB_MODE, else offline (compute nodes are often offline)"),
     "monitor.every": (0, "ours: no kNN monitor (it needs a labelled set)"),
     "monitor.dataset": (None, "ours: no monitor dataset"),
@@ -49,7 +49,7 @@ TRAIN_PRESETS = {
     "laion400m_vitb32": {"model.name": ("vit_b32", "Table 9"), "train.grad_checkpointing": (False, "ours: fits")},
     "laion400m_vitb16": {"model.name": ("vit_b16", "Table 9"), "train.grad_checkpointing": (False, "ours: fits")},
     "laion400m_vitl14": {"model.name": ("vit_l14", "§4.1: ViT-L/14 is the default model"),
-                         "train.grad_checkpointing": (True, "ours: memory (python -m mlcd.plan)")},
+                         "train.grad_checkpointing": (True, "ours: memory (python plan.py)")},
     "laion400m_vitl14_336": {
         "model.name": ("vit_l14_336", "§4.6, Table 8: one epoch at 336 after 224"),
         "model.image_size": (336, "§4.6"),
