@@ -28,7 +28,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlcd.data.labels import write_shard_labels  # noqa: E402
-from mlcd.data.loader import iter_samples, make_train_loader  # noqa: E402
+from mlcd.data.tars import iter_samples  # noqa: E402
+from mlcd.data.loader import make_train_loader  # noqa: E402
 from mlcd.data.make_shards import shards_from_folder  # noqa: E402
 from mlcd.data.transforms import TrainTransform  # noqa: E402
 

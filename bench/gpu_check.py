@@ -300,7 +300,8 @@ def check_decode(device, smoke: bool) -> dict:
 
     from mlcd.data.device_decode import DeviceDecoder, pack
     from mlcd.data.labels import write_shard_labels
-    from mlcd.data.loader import iter_samples, make_train_loader
+    from mlcd.data.tars import iter_samples
+    from mlcd.data.loader import make_train_loader
     from mlcd.data.make_shards import shards_from_folder
     from mlcd.data.transforms import TrainTransform, to_normalized_tensor
     from mlcd.train.optim import build_backbone_optimizer, build_center_optimizer

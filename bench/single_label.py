@@ -107,7 +107,7 @@ def init_backbone(run: Path, seed: int):
 
 def check_data(a):
     from mlcd.data.labels import missing_shard_labels, shard_stem
-    from mlcd.data.loader import expand_urls
+    from mlcd.data.tars import expand_urls
     try:
         stems = [shard_stem(u) for u in expand_urls(a.shards)]
     except (FileNotFoundError, ValueError) as e:

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import make_images  # noqa: E402  (bench/data.py: photo-like 500x375 JPEGs)
 from mlcd import fileio  # noqa: E402
 from mlcd.data.labels import missing_shard_labels, shard_stem, write_shard_labels  # noqa: E402
-from mlcd.data.loader import expand_urls, iter_samples, make_train_loader  # noqa: E402
+from mlcd.data.tars import expand_urls, iter_samples  # noqa: E402
+from mlcd.data.loader import make_train_loader  # noqa: E402
 from mlcd.data.make_shards import shards_from_folder  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "startup.json"

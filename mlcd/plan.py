@@ -375,3 +375,7 @@ def loader_warning(p: dict) -> str:
             f"{c['total_steps']:,} steps take {tm['loader_days']:.1f} days, not {tm['compute_days']:.1f}; it takes "
             f"data.num_workers={ld['workers_needed']} at this rate (CPU cores per GPU allowing; measure yours with "
             f"bench/data.py and pass loader_rate=), or data.decode=gpu to decode on the GPU")
+
+
+if __name__ == "__main__":
+    raise SystemExit("the capacity planner runs as `python plan.py ...` from the repository root (it composes configs/train)")

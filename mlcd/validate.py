@@ -145,7 +145,7 @@ def check_label_files(data_cfg) -> None:
     """Before step 0: every training shard has its label file (a missing one would otherwise crash a worker at
     whatever step first reads that shard), and data.num_labels (l) is at most the labels per image on disk."""
     from mlcd.data.labels import label_width, missing_shard_labels, shard_stem
-    from mlcd.data.loader import expand_urls
+    from mlcd.data.tars import expand_urls
 
     urls = expand_urls(data_cfg.train_shards)
     missing = missing_shard_labels(data_cfg.labels_dir, [shard_stem(u) for u in urls])

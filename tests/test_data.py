@@ -17,7 +17,8 @@ from PIL import Image
 
 from mlcd.data import fashion_mnist
 from mlcd.data.labels import write_shard_labels
-from mlcd.data.loader import expand_urls, iter_samples, make_extract_loader, make_train_loader
+from mlcd.data.tars import expand_urls, iter_samples
+from mlcd.data.loader import make_extract_loader, make_train_loader
 from mlcd.data.make_shards import (main as make_shards_main, shards_from_fashion_mnist, shards_from_folder,
                                    shards_from_table, shards_from_torchvision)
 from mlcd.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform

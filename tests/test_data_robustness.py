@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 
 from mlcd.data.labels import shard_stem, write_shard_labels
-from mlcd.data.loader import REASONS, iter_samples, make_extract_loader, make_train_loader
+from mlcd.data.tars import REASONS, iter_samples
+from mlcd.data.loader import make_extract_loader, make_train_loader
 from mlcd.data.transforms import EvalTransform
 
 

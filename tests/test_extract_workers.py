@@ -12,9 +12,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import get_worker_info
 
-import mlcd.data.loader as loader_mod
+import mlcd.data.tars as tars_mod
 from mlcd.cluster import extract
-from mlcd.data.loader import REASONS, make_extract_loader
+from mlcd.data.tars import REASONS
+from mlcd.data.loader import make_extract_loader
 from mlcd.data.transforms import EvalTransform
 
 SIZES = [7, 1, 0, 5, 3]  # samples per shard: uneven, one empty tar; the last shard has a garbage image (s4-1)
@@ -47,7 +48,7 @@ def shards(tmp_path_factory):
 @pytest.fixture
 def open_log(tmp_path, monkeypatch):
     """Every shard the loader opens, as (worker id, url); forked DataLoader workers inherit the patch."""
-    log, real = tmp_path / "opens.log", loader_mod.open_url
+    log, real = tmp_path / "opens.log", tars_mod.open_url
 
     def logged_open(url):
         info = get_worker_info()
@@ -55,7 +56,7 @@ def open_log(tmp_path, monkeypatch):
             f.write(f"{info.id if info else 0} {url}\n")
         return real(url)
 
-    monkeypatch.setattr(loader_mod, "open_url", logged_open)
+    monkeypatch.setattr(tars_mod, "open_url", logged_open)
     return lambda: [(int(w), u) for w, u in (line.split(" ", 1) for line in log.read_text().splitlines())] \
         if log.exists() else []
 

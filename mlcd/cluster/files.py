@@ -25,7 +25,7 @@ from mlcd.data.labels import shard_stem
 
 def expand_shards(spec) -> list[str]:
     """A list, a brace pattern ('d/s-{000..009}.tar') or a glob ('d/*.tar') -> list of urls (unique names)."""
-    from mlcd.data.loader import expand_urls
+    from mlcd.data.tars import expand_urls
 
     if spec is None:
         raise ValueError("cluster: `shards` is not set (brace pattern, glob, or list of tar files)")
