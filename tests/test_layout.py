@@ -1,9 +1,12 @@
 """The code's shape, checked: evaluation and export never import training code, and no production module reads a
 test-only environment variable."""
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,3 +92,27 @@ def test_the_package_reads_no_repo_files():
                   if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs
                   and path_like.search(n.value)]
     assert not found, found
+
+
+@pytest.mark.slow
+def test_the_installed_package_imports_every_module(tmp_path):
+    """`pip install .` packages mlcd alone (pyproject: mlcd*): every module must import from there, outside the
+    checkout (no runners, no configs/, no repo files). The dependencies are this venv's."""
+    import shutil
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "mlcd", src / "mlcd", ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / f, src / f)
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(site), str(src)], check=True, capture_output=True, text=True)
+    modules = sorted(".".join(p.relative_to(site).with_suffix("").parts).removesuffix(".__init__")
+                     for p in (site / "mlcd").rglob("*.py"))
+    code = ("import importlib, sys, mlcd; assert mlcd.__file__.startswith(sys.argv[1]), mlcd.__file__\n"
+            "for m in sys.argv[2:]: importlib.import_module(m)\nprint(len(sys.argv) - 2)")
+    run = tmp_path / "elsewhere"
+    run.mkdir()
+    out = subprocess.run([sys.executable, "-c", code, str(site), *modules], cwd=run, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(site)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout.split()[-1]) == len(modules) > 40
