@@ -14,7 +14,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from runners.kit import REPO, check_stage, fmnist_shards, load_runner_config, run_stage, show
+from mlcd.cluster.extract import encoder_config
+from runners.kit import REPO, check_stage, fmnist_shards, hydra_overrides, load_runner_config, run_stage, show
 
 CONFIG = REPO / "configs" / "demo.yaml"
 
@@ -50,6 +51,7 @@ def main(argv=None) -> dict:
     # 4. Linear probe + kNN on the Fashion-MNIST test split for the four backbones of the table
     cluster_cfg = OmegaConf.load(cluster_dir / "config.yaml")
     train_cfg = OmegaConf.load(run_dir / "config.yaml")
+    encoder, feature = encoder_config(cluster_cfg.extract, cluster_cfg.seed)  # the encoder that made the clusters
     backbones = {
         "MLCD-trained tiny ViT": ["backbone.type=mlcd", f"backbone.path={run_dir}"],
         "same ViT, random init": ["backbone.type=random", f"backbone.model={REPO / 'configs/train/model' / (train_cfg.model.name + '.yaml')}",
@@ -57,9 +59,7 @@ def main(argv=None) -> dict:
         "raw pixels": ["backbone.type=pixels"],
         f"CLIP features used for clustering ({cluster_cfg.extract.model}, "
         f"{cluster_cfg.extract.pretrained or 'random init'})": [
-            "backbone.type=open_clip", f"backbone.name={cluster_cfg.extract.model}",
-            f"backbone.pretrained={cluster_cfg.extract.pretrained or 'null'}", f"backbone.seed={cluster_cfg.seed}",
-            f"backbone.image_size={cluster_cfg.extract.image_size or 'null'}", "feature=embedding"],
+            *hydra_overrides("backbone", encoder), f"feature={feature}"],
     }
     rows = []
     for i, (name, overrides) in enumerate(backbones.items()):

@@ -97,6 +97,24 @@ def show(cmd: list[str]) -> str:
     return " ".join(q(a) for a in cmd)
 
 
+def hydra_overrides(prefix: str, mapping: dict) -> list[str]:
+    """`prefix.key=value` hydra overrides setting each key of `mapping`: strings quoted, None as null, nested
+    mappings and lists in hydra's {k: v} / [a, b] syntax."""
+    def value(v):
+        if v is None:
+            return "null"
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k}: {value(x)}" for k, x in v.items()) + "}"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return "'" + str(v).replace("'", "\\'") + "'"
+    return [f"{prefix}.{k}={value(v)}" for k, v in mapping.items()]
+
+
 def run_stage(cmd: list[str], who: str, log: Path | None = None) -> float:
     """Run one stage from the repository root, printing its command line first. Output goes to the console, or is
     appended to `log`. Returns its seconds; a failure exits naming the stage (and showing the log's tail)."""

@@ -29,10 +29,11 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from mlcd import fileio
+from mlcd.cluster.extract import encoder_config
 from mlcd.data.labels import read_shard_labels
 from mlcd.validate import refuse_other_settings
 from runners.stats import probe_scores
-from runners.kit import REPO, check_stage, compose, fmnist_shards, load_marker, load_runner_config, run_once
+from runners.kit import REPO, check_stage, compose, fmnist_shards, hydra_overrides, load_marker, load_runner_config, run_once
 
 CONFIG = REPO / "configs" / "rounds.yaml"
 STAGES = ("cluster", "train", "eval")
@@ -146,14 +147,11 @@ def baselines(r, root: Path) -> dict:
     """Raw pixels and the round-0 teacher's features (as runners.demo evaluates them), once."""
     e = OmegaConf.load(root / "round0" / "cluster" / "config.yaml")
     ec = e.extract
+    encoder, feature = encoder_config(ec, e.seed)  # the encoder that made round 0's clusters, by construction
+    teacher = [*hydra_overrides("backbone", encoder), f"feature={feature}"]
     if ec.get("backbone"):
-        teacher = [f"backbone.type={ec.backbone.type}", f"backbone.path='{ec.backbone.path}'",
-                   f"feature={ec.feature}"]
         name = f"teacher features ({ec.backbone.type} {ec.backbone.path})"
     else:
-        teacher = ["backbone.type=open_clip", f"backbone.name={ec.model}",
-                   f"backbone.pretrained={ec.pretrained or 'null'}", f"backbone.seed={e.seed}",
-                   f"backbone.image_size={ec.image_size or 'null'}", "feature=embedding"]
         name = f"teacher features ({ec.model}, {ec.pretrained or 'random init'})"
     return {"raw pixels": evaluate(r, root / "baselines" / "pixels", ["backbone.type=pixels"]),
             name: evaluate(r, root / "baselines" / "teacher", teacher)}

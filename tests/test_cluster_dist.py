@@ -151,3 +151,58 @@ def test_two_ranks_match_one_rank(reference):
            *args(tmp, out)]
     run(cmd, env(), tmp / "ranks2.log")
     assert_same_outputs(ref, out)
+
+
+@pytest.mark.slow
+def test_features_are_open_clip_and_the_probe_backbone_by_construction(reference):
+    """The features cluster.py wrote (image only, and image + caption fused) equal, to fp16 rounding, open_clip's own
+    encode_image / encode_text on open_clip's own preprocessing (an oracle built here from the run's settings), and
+    the probe's Backbone built from encoder_config of the run's saved config."""
+    import io
+    import tarfile
+
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from mlcd.cluster.extract import encoder_config
+    from mlcd.models.backbones import build_backbone
+
+    tmp, out = reference
+    cfg = OmegaConf.load(out / "config.yaml")
+    stem = "img-000000"
+    keys = (out / "features" / f"{stem}.keys.txt").read_text().split()
+    stored = np.load(out / "features" / f"{stem}.npy").astype(np.float32)
+    images, caps = {}, {}
+    with tarfile.open(tmp / "shards" / f"{stem}.tar") as tar:
+        for m in tar:
+            key, _, ext = m.name.partition(".")
+            data = tar.extractfile(m).read()
+            if ext == "png":
+                images[key] = Image.open(io.BytesIO(data)).convert("RGB")
+            elif ext == "txt":
+                caps[key] = data.decode().strip()
+    assert sorted(images) == sorted(keys) and 0 < len(caps) < len(keys)  # rows with and without a caption
+
+    def features(encode_image, encode_text, transform, tokenizer):
+        with torch.no_grad():
+            f = F.normalize(encode_image(torch.stack([transform(images[k]) for k in keys])).float(), dim=-1)
+            idx = [i for i, k in enumerate(keys) if k in caps]
+            t = F.normalize(encode_text(tokenizer([caps[keys[i]] for i in idx])).float(), dim=-1)
+            f[idx] = F.normalize(f[idx] + t, dim=-1)
+        return f.numpy()
+
+    open_clip.add_model_config(cfg.extract.model_config)
+    torch.manual_seed(cfg.seed)
+    model, _, preprocess = open_clip.create_model_and_transforms(cfg.extract.model, pretrained=None,
+                                                                 force_image_size=cfg.extract.image_size)
+    model.eval()
+    oracle = features(model.encode_image, model.encode_text, preprocess, open_clip.get_tokenizer(cfg.extract.model))
+    with pytest.warns(UserWarning, match="RANDOM"):
+        bb = build_backbone(*encoder_config(cfg.extract, cfg.seed))
+    probe = features(bb, bb.encode_text, bb.transform, bb.tokenizer)
+    assert stored.shape == oracle.shape == probe.shape == (len(keys), 32)
+    np.testing.assert_allclose(stored, oracle, rtol=0, atol=5e-4)  # fp16 storage of unit vectors
+    np.testing.assert_allclose(stored, probe, rtol=0, atol=5e-4)

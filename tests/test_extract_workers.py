@@ -3,7 +3,6 @@ loader's open calls from inside the workers), the output stays in shard order th
 stage's feature files are byte-identical whatever num_workers and after a resume."""
 import io
 import tarfile
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from mlcd.cluster import extract
 from mlcd.data.tars import REASONS
 from mlcd.data.loader import make_extract_loader
 from mlcd.data.transforms import EvalTransform
+from mlcd.models.backbones import Backbone
 
 SIZES = [7, 1, 0, 5, 3]  # samples per shard: uneven, one empty tar; the last shard has a garbage image (s4-1)
 
@@ -99,14 +99,18 @@ class _Tiny(torch.nn.Module):
         with torch.no_grad():
             self.lin.weight.copy_(torch.linspace(-1, 1, 4 * 192).reshape(4, 192))
             self.lin.bias.zero_()
-        self.visual = SimpleNamespace(output_dim=4)
 
-    def encode_image(self, x):
+    def forward(self, x):
         return self.lin(x.flatten(1))
 
 
+def _tiny_backbone(cfg, feature):
+    tiny = _Tiny()
+    return Backbone("tiny", tiny, EvalTransform(8), feature, {}, tiny, name="tiny", pretrained="none")
+
+
 def _run(urls, out, num_workers, monkeypatch):
-    monkeypatch.setattr(extract, "build_model", lambda ec, seed, device: (_Tiny(), EvalTransform(8), None))
+    monkeypatch.setattr(extract, "build_backbone", _tiny_backbone)
     cfg = OmegaConf.create({"out_dir": str(out), "seed": 0, "extract": {
         "model": "tiny", "pretrained": None, "model_config": None, "image_size": 8, "text": False, "fusion": "mean",
         "batch_size": 2, "num_workers": num_workers, "precision": "fp32"}})
@@ -122,7 +126,7 @@ def test_feature_files_do_not_depend_on_workers_or_resume(shards, tmp_path, monk
     assert [k for s in range(len(urls)) for k in one[f"s{s}.keys.txt"].decode().split()] == keys
     # reference: the model on each sample alone (single-process ordered loader, batch of 1)
     with torch.no_grad():
-        ref = torch.cat([_Tiny().encode_image(x) for x, _ in make_extract_loader(urls, EvalTransform(8), 1, 0)])
+        ref = torch.cat([_Tiny()(x) for x, _ in make_extract_loader(urls, EvalTransform(8), 1, 0)])
     feats = np.concatenate([np.load(tmp_path / "w2" / "features" / f"s{s}.npy") for s in range(len(urls))])
     np.testing.assert_allclose(feats, torch.nn.functional.normalize(ref, dim=-1).numpy(), atol=2e-3)
     # resume: one shard's features lost; only that shard is read again, the files come back identical

@@ -16,6 +16,8 @@ from mlcd.eval import features as features_mod
 from mlcd.models.backbones import build_backbone
 from mlcd.eval.datasets import stratified_pick
 
+VIT_TINY = str(Path(__file__).resolve().parents[1] / "configs" / "train" / "model" / "vit_tiny.yaml")
+
 
 def _blobs(d, c, n_train, sep, noise, flip, seed):
     """Gaussian classes (shared means) -> train with `flip` label noise, clean val and test sets."""
@@ -285,16 +287,16 @@ def test_random_vit_backbone_features_and_fashion_mnist_run(tmp_path):
     from mlcd.eval.datasets import ArrayImages
     from mlcd.data import fashion_mnist
     ds = ArrayImages(*fashion_mnist.load("test", download=False))
-    imgs = torch.stack([build_backbone({"type": "random", "model": "vit_tiny"}).transform(ds[i][0])
+    imgs = torch.stack([build_backbone({"type": "random", "model": VIT_TINY}).transform(ds[i][0])
                         for i in range(4)])
     assert imgs.shape == (4, 3, 28, 28)
     for feature in ("pooled", "embedding", "patch_mean"):
-        bb = build_backbone({"type": "random", "model": "vit_tiny", "seed": 1}, feature)
+        bb = build_backbone({"type": "random", "model": VIT_TINY, "seed": 1}, feature)
         out = bb.model(imgs)
         want = {"pooled": out.pooled, "embedding": out.embedding,
                 "patch_mean": out.last_hidden_state[:, 1:].mean(1)}[feature]
         torch.testing.assert_close(bb(imgs), want)
-    res = evaluate({"type": "random", "model": "vit_tiny", "seed": 1}, ["fashion_mnist"], limit_train=600,
+    res = evaluate({"type": "random", "model": VIT_TINY, "seed": 1}, ["fashion_mnist"], limit_train=600,
                    limit_test=300, cache_dir=None, num_workers=0, device="cpu", verbose=False,
                    probe={"lam": 1e-2})
     r = res["results"][0]
@@ -317,6 +319,23 @@ def test_open_clip_features_agree_with_open_clip_forward():
     assert pooled(x).shape == (2, bb.model.transformer.width)
     torch.testing.assert_close(pooled(x) @ bb.model.proj, bb(x), rtol=1e-4, atol=1e-4)
     assert isinstance(open_clip.__version__, str)
+
+
+def test_random_model_is_a_mapping_or_a_yaml_path_and_the_entry_script_resolves_names():
+    """mlcd reads no configs/ directory: a bare model name is refused, naming it; eval_linear_probe.py resolves it."""
+    from eval_linear_probe import model_config_path
+    with pytest.raises(ValueError, match="'vit_tiny'"):
+        build_backbone({"type": "random", "model": "vit_tiny"})
+    assert model_config_path("vit_tiny") == VIT_TINY == model_config_path(VIT_TINY)
+    assert build_backbone({"type": "random", "model": model_config_path("vit_tiny")}).name == "vit_tiny"
+
+
+def test_backbone_width_text_side_and_precision():
+    bb = build_backbone({"type": "pixels", "image_size": 8})
+    assert bb.dim == 3 * 8 * 8 and bb.encode_text is None and bb.tokenizer is None
+    bb.precision = "fp8"
+    with pytest.raises(ValueError, match="'fp8'"):
+        bb(torch.zeros(1, 3, 8, 8))
 
 
 def test_chunked_loss_and_gradient_equal_autograd():

@@ -1,9 +1,9 @@
 """Stage 1: image (and optionally caption) features, one fp16 file per input shard.
 
 The features come from an open_clip model (`extract.model` + `extract.pretrained`: the paper's CLIP teacher) or,
-with `extract.backbone`, from any backbone the linear probe can load (mlcd.models.backbones: one of our runs or
-checkpoints, an exported Hugging Face model, open_clip), through the same loading code and eval transform, so
-that a trained encoder can re-cluster its own data (runners.rounds).
+with `extract.backbone`, from any backbone the linear probe can load (one of our runs or checkpoints, an exported
+Hugging Face model, open_clip), so that a trained encoder can re-cluster its own data (runners.rounds). Either way
+`encoder_config` names the encoder and mlcd.models.backbones builds it, the one builder the linear probe uses too.
 
 Each rank takes shards r, r+W, r+2W, ... and skips shards whose features already exist, so a killed
 run resumes shard by shard. One loader reads this rank's shards, each DataLoader worker whole shards (each
@@ -15,7 +15,6 @@ Fusion (`extract.text=true`): UNICOM reports clustering "joint textual and visua
 were combined is not published. We use f = normalize(normalize(img) + normalize(txt)), the
 normalised mean of the two unit vectors; a sample without a caption keeps its image feature.
 """
-import contextlib
 import logging
 import os
 import tarfile
@@ -28,57 +27,40 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from mlcd import dist, fileio
-from mlcd.cluster.files import check_same, has_features, load_json, versions, write_features
+from mlcd.cluster.files import RESUME_ELSEWHERE, has_features, load_json, versions, write_features
 from mlcd.cluster.report import update_manifest
 from mlcd.data.labels import shard_stem
+from mlcd.models.backbones import build_backbone
+from mlcd.validate import refuse_other_settings
 
 log = logging.getLogger(__name__)
 EXTRACT_KEYS = ("model", "pretrained", "model_config", "image_size", "text", "fusion", "backbone", "feature")
 
 
-def build_model(ec, seed: int, device):
-    """open_clip model + eval transform (+ tokenizer when captions are used)."""
-    import open_clip
+def encoder_config(ec, seed: int) -> tuple[dict, str]:
+    """(backbone config for mlcd.models.backbones.build_backbone, feature) of the encoder that makes the clustering
+    features of `ec` (a cluster config's `extract` section, `seed` its top-level seed): `extract.backbone` and
+    `extract.feature` when given, else the open_clip teacher's embedding (encode_image)."""
+    if ec.get("backbone"):
+        b = ec.get("backbone")
+        return (OmegaConf.to_container(b, resolve=True) if OmegaConf.is_config(b) else dict(b)), ec.get("feature")
+    return ({"type": "open_clip", "name": ec.get("model"), "pretrained": ec.get("pretrained"),
+             "model_config": ec.get("model_config"), "image_size": ec.get("image_size"), "seed": int(seed),
+             "text": bool(ec.get("text"))}, "embedding")
 
-    if ec.model_config:  # a custom architecture given as an open_clip JSON config
-        open_clip.add_model_config(ec.model_config)
-    if not ec.pretrained:
+
+def build_encoder(cfg, device):
+    """The clustering encoder of cluster config `cfg`, on `device`, at `extract.precision`."""
+    ec = cfg.extract
+    if not ec.get("backbone") and not ec.pretrained:
         banner = "!" * 100
         msg = (f"\n{banner}\nextract.pretrained is null: '{ec.model}' gets RANDOM weights. The features, clusters and "
                f"labels are meaningless for training (fine for tests and smoke runs only).\n{banner}")
         log.warning(msg)
         print(msg, flush=True)
-    torch.manual_seed(seed)  # random init must be identical on every rank and every resume
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        ec.model, pretrained=ec.pretrained or None, force_image_size=ec.image_size)
-    model = model.to(device).eval()
-    tokenizer = open_clip.get_tokenizer(ec.model) if ec.text else None
-    return model, preprocess, tokenizer
-
-
-class _ProjectBackbone:
-    """A probe backbone (mlcd.models.backbones.Backbone) behind open_clip's encode_image interface."""
-
-    def __init__(self, backbone):
-        from PIL import Image
-
-        self.backbone = backbone
-        self.visual = type("Visual", (), {})()  # open_clip's model.visual.output_dim: the feature width
-        self.visual.output_dim = int(backbone(backbone.transform(Image.new("RGB", (64, 64)))[None]).shape[1])
-
-    def encode_image(self, images):
-        return self.backbone(images)
-
-
-def build_backbone_model(ec, device):
-    """(model with encode_image, eval transform, None) for `extract.backbone`; identity for the resume check."""
-    from mlcd.models.backbones import build_backbone
-
-    bb = build_backbone(dict(ec.backbone), ec.feature)
-    bb.to(device)
-    if bb.model is not None:
-        bb.model.eval()
-    return _ProjectBackbone(bb), bb.transform, bb.identity
+    bb = build_backbone(*encoder_config(ec, int(cfg.seed)))
+    bb.precision = ec.precision
+    return bb.to(device)
 
 
 def read_captions(url: str) -> dict[str, str]:
@@ -98,50 +80,37 @@ def read_captions(url: str) -> dict[str, str]:
     return caps
 
 
-def _autocast(device, precision: str):
-    """extract.precision (mlcd.validate.PRECISIONS): auto = bf16 on a GPU; the CPU always runs fp32."""
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype={"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16}[precision])
-
-
 @torch.no_grad()
-def _encode(model, tokenizer, images, keys, caps: dict, ec, device):
+def _encode(bb, images, keys, caps: dict, device):
     """(fp16 features [B, d] on the CPU, captions used) for one batch."""
-    with _autocast(device, ec.precision):
-        f = model.encode_image(images.to(device, non_blocking=True))
-    f = F.normalize(f.float(), dim=-1)
+    f = F.normalize(bb(images.to(device, non_blocking=True)), dim=-1)
     idx = [i for i, k in enumerate(keys) if k in caps]
     if idx:
-        tokens = tokenizer([caps[keys[i]] for i in idx]).to(device)
-        with _autocast(device, ec.precision):
-            t = model.encode_text(tokens)
-        t = F.normalize(t.float(), dim=-1)
+        t = F.normalize(bb.encode_text(bb.tokenizer([caps[keys[i]] for i in idx]).to(device)), dim=-1)
         f[idx] = F.normalize(f[idx] + t, dim=-1)  # fusion: normalised mean of the two unit vectors
     return f.half().cpu(), len(idx)
 
 
-def extract_shards(model, preprocess, tokenizer, urls: list[str], ec, device):
+def extract_shards(bb, urls: list[str], ec, device):
     """Yield (index into urls, fp16 features [n, d], keys, skip counts, captions used) per shard, as each completes.
 
     The loader's workers read whole shards in parallel; the features of a shard whose batches are still
     arriving are kept here (small: [n, d] fp16 per shard in flight), then handed over for writing."""
     from mlcd.data.loader import make_extract_loader
 
-    loader = make_extract_loader(urls, preprocess, int(ec.batch_size), int(ec.num_workers))
+    loader = make_extract_loader(urls, bb.transform, int(ec.batch_size), int(ec.num_workers))
     open_ = {}  # shard index -> {"feats", "keys", "caps", "n_caps"}
     for i, images, keys, skips in loader.batches():
         s = open_.setdefault(i, {"feats": [], "keys": [], "caps": read_captions(urls[i]) if ec.text else {},
                                  "n_caps": 0})
         if images is not None:
-            f, n = _encode(model, tokenizer, images, keys, s["caps"], ec, device)
+            f, n = _encode(bb, images, keys, s["caps"], device)
             s["feats"].append(f)
             s["keys"] += keys
             s["n_caps"] += n
         if skips is not None:  # the shard's last batch
             del open_[i]
-            feats = torch.cat(s["feats"]).numpy() if s["feats"] else np.zeros((0, int(model.visual.output_dim)),
-                                                                                np.float16)
+            feats = torch.cat(s["feats"]).numpy() if s["feats"] else np.zeros((0, bb.dim), np.float16)
             yield i, feats, s["keys"], skips, s["n_caps"]
 
 
@@ -155,16 +124,17 @@ def run(cfg, cfg_dict: dict, urls: list[str], device) -> None:
     settings = {key: ec.get(key) for key in EXTRACT_KEYS}
     settings["backbone"] = OmegaConf.to_container(ec.backbone) if ec.get("backbone") else None
     settings["seed"] = int(cfg.seed)
-    project = None
+    bb = None
     if settings["backbone"]:  # the checkpoint's signature too: new weights are new features
-        project = build_backbone_model(ec, device)
-        settings["backbone_identity"] = {k: v for k, v in project[2].items() if k != "transform"}
+        bb = build_encoder(cfg, device)
+        settings["backbone_identity"] = {k: v for k, v in bb.identity.items() if k != "transform"}
     man_path = fdir / "manifest.json"
     if dist.is_main():
         fdir.mkdir(parents=True, exist_ok=True)
         old = load_json(man_path)
         if old and any(has_features(fdir, s) for s in stems):  # a start that failed before any shard blocks nothing
-            check_same(man_path, old.get("settings", {}), settings, "features")
+            refuse_other_settings(old.get("settings", {}), settings, f"{fdir} (features)", RESUME_ELSEWHERE,
+                                  only_shared=True)
         fileio.write_json(man_path, {**old, "settings": settings, "complete": False, "config": cfg_dict,
                              "versions": versions()})
     dist.barrier()
@@ -172,11 +142,10 @@ def run(cfg, cfg_dict: dict, urls: list[str], device) -> None:
     mine = [(u, s) for i, (u, s) in enumerate(zip(urls, stems))
             if i % dist.world_size() == dist.rank() and not has_features(fdir, s)]
     if mine:
-        model, preprocess, tokenizer = project if project else build_model(ec, int(cfg.seed), device)
+        bb = bb if bb is not None else build_encoder(cfg, device)
         n_img, t0 = 0, time.time()
         bar = tqdm(total=len(mine), desc="extract", unit="shard", disable=not dist.is_main())
-        for i, feats, keys, skips, n_caps in extract_shards(model, preprocess, tokenizer, [u for u, _ in mine], ec,
-                                                                   device):
+        for i, feats, keys, skips, n_caps in extract_shards(bb, [u for u, _ in mine], ec, device):
             if ec.text:
                 skips = {**skips, "no_caption": len(keys) - n_caps}
             write_features(fdir, mine[i][1], feats, keys, skips)

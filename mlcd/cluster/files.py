@@ -67,11 +67,6 @@ def versions() -> dict:
 RESUME_ELSEWHERE = "Use another out_dir or delete the old outputs."
 
 
-def check_same(manifest_path, have: dict, want: dict, what: str) -> None:
-    """Until extract.py calls mlcd.validate.refuse_other_settings itself (being reworked)."""
-    from mlcd.validate import refuse_other_settings
-    refuse_other_settings(have, want, f"{Path(manifest_path).parent} ({what})", RESUME_ELSEWHERE, only_shared=True)
-
 
 # ---- features ------------------------------------------------------------------------------------
 

@@ -1,30 +1,34 @@
 """Frozen backbones: what image goes in (the backbone's eval transform) and which feature comes out. The one
-loading path for every consumer of a trained or external encoder: the linear probe (mlcd/eval), feature
-extraction for clustering (cluster.py extract.backbone) and the training monitor.
+place an encoder is built, for every consumer: the linear probe (mlcd/eval), feature extraction for clustering
+(cluster.py: its open_clip teacher or extract.backbone, via mlcd.cluster.extract.encoder_config) and the training
+monitor. So the probe's "features used for clustering" baseline is the clustering encoder by construction.
 
 types:  mlcd      our training checkpoint (mlcd.models.loading.load_backbone)
         hf        an HF CLIPVisionModel / MLCDVisionModel directory (mlcd.models.hf.import_hf)
-        open_clip model name + pretrained tag or file (none: random init, warned)
+        open_clip model name + pretrained tag or file (none: random init from `seed`, warned); `model_config`: an
+                  open_clip JSON registered first; `text: true` keeps the text tower (encode_text, tokenizer)
         random    our ViT at random init from a model config (a baseline)
         pixels    the identity: flattened raw pixels in [0, 1] (a sanity baseline)
 features (our ViT and open_clip ViTs):
         pooled      ln_post(class token), before the projection (CLIP's I_f; the default)
-        embedding   after the projection (= pooled when the model has none)
+        embedding   after the projection (= pooled when the model has none); open_clip: encode_image itself
         patch_mean  mean of the last layer's patch tokens
 """
+import contextlib
 import hashlib
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torchvision import transforms as T
 
 from mlcd.data.transforms import CLIP_MEAN, CLIP_STD
+from mlcd.validate import PRECISIONS
 
 FEATURES = ("pooled", "embedding", "patch_mean")
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _to_rgb(img):
@@ -72,26 +76,54 @@ def path_signature(path) -> str:
 
 
 class Backbone:
-    """A frozen feature extractor: `transform` (PIL -> tensor) and `__call__` (batch -> [B, D]).
-    `name` and `pretrained` are what CLIP_benchmark's results call `model` and `pretrained`."""
+    """A frozen feature extractor: `transform` (PIL -> tensor) and `__call__` (batch -> [B, D], float32).
+    `name` and `pretrained` are what CLIP_benchmark's results call `model` and `pretrained`.
+    `precision` (mlcd.validate.PRECISIONS): auto = bf16 autocast on a GPU; the CPU always runs fp32.
+    `encode_text` and `tokenizer`: an open_clip model's text side when built with `text: true`, else None."""
 
-    def __init__(self, kind, model, transform, feature, identity, forward, name: str, pretrained: str):
+    def __init__(self, kind, model, transform, feature, identity, forward, name: str, pretrained: str,
+                 text=None):
         self.kind, self.model, self.transform, self.feature = kind, model, transform, feature
         self.identity = dict(identity, type=kind, feature=feature, transform=repr(transform))
         self._forward = forward
         self.name, self.pretrained = name, pretrained
+        self.precision = "auto"
+        self.device = torch.device("cpu")
+        self._dim = None
+        # text: (module holding the text tower, tokens -> features, tokenizer)
+        self._text_model, text_forward, self.tokenizer = text or (None, None, None)
+        self.encode_text = None if text_forward is None else (lambda tokens: self._run(text_forward, tokens))
 
     def to(self, device):
-        if self.model is not None:
-            self.model.to(device)
+        self.device = torch.device(device)
+        for m in (self.model, self._text_model):
+            if m is not None:
+                m.to(self.device)
         return self
 
+    def _autocast(self, device: torch.device):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}: must be one of {list(PRECISIONS)}")
+        if device.type != "cuda" or self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16)
+
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        use_amp = x.is_cuda
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            f = self._forward(x)
+    def _run(self, fn, x: torch.Tensor) -> torch.Tensor:
+        with self._autocast(x.device):
+            f = fn(x)
         return f.float()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(self._forward, x)
+
+    @property
+    def dim(self) -> int:
+        """The feature width, from one forward of a blank image (an empty shard still needs its [0, D] array)."""
+        if self._dim is None:
+            from PIL import Image
+            self._dim = int(self(self.transform(Image.new("RGB", (64, 64)))[None].to(self.device)).shape[1])
+        return self._dim
 
 
 def _our_vit_forward(model, feature):
@@ -106,28 +138,40 @@ def _our_vit_forward(model, feature):
 
 
 def _model_cfg(cfg):
-    """A model config mapping, or the name of configs/train/model/<name>.yaml."""
+    """A model config: a mapping or the path of a .yaml file. A bare name (vit_tiny) is the entry script's to
+    resolve (eval_linear_probe.py: configs/train/model/<name>.yaml); the library reads no configs/ directory."""
     from omegaconf import OmegaConf
-    if isinstance(cfg, str):
-        path = Path(cfg) if cfg.endswith(".yaml") else REPO / "configs" / "train" / "model" / f"{cfg}.yaml"
+    if isinstance(cfg, (str, os.PathLike)):
+        path = Path(cfg)
+        if path.suffix != ".yaml":
+            raise ValueError(f"backbone.model={str(cfg)!r}: give a model config mapping or the path of a .yaml file "
+                             f"(e.g. configs/train/model/{path.name}.yaml)")
         if not path.exists():
-            raise FileNotFoundError(f"model config {path} not found")
+            raise FileNotFoundError(f"backbone.model={str(cfg)!r}: model config {path} not found")
         cfg = OmegaConf.load(path)
+    elif not (isinstance(cfg, Mapping) or OmegaConf.is_dict(cfg)):
+        raise ValueError(f"backbone.model={cfg!r}: give a model config mapping or the path of a .yaml file")
     return OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
 
 
 def _open_clip(cfg, feature):
     import open_clip
+    if cfg.get("model_config"):  # a custom architecture given as an open_clip JSON config
+        open_clip.add_model_config(cfg["model_config"])
     pretrained = cfg.get("pretrained")
     if pretrained in (None, "", "none"):
         warnings.warn(f"open_clip backbone {cfg['name']} has no pretrained weights: probing a RANDOM init")
         pretrained = None
-    # Seeded like cluster.py's extract stage, so a random-init model here is the one that made the clusters.
+    # A random init must be the same on every rank, every resume, and in the probe of the clustering features.
     torch.manual_seed(int(cfg.get("seed") or 0))
     model, _, preprocess = open_clip.create_model_and_transforms(cfg["name"], pretrained=pretrained,
                                                                  force_image_size=cfg.get("image_size"))
-    visual = model.visual.eval()
+    model.eval()
+    visual = model.visual
     ident = {"name": cfg["name"], "pretrained": pretrained, "image_size": cfg.get("image_size")}
+    if cfg.get("model_config"):
+        ident["model_config"] = str(cfg["model_config"])
+        ident["model_config_sig"] = path_signature(cfg["model_config"])
     if pretrained is None:
         ident["seed"] = int(cfg.get("seed") or 0)
     if pretrained and os.path.exists(pretrained):
@@ -137,15 +181,12 @@ def _open_clip(cfg, feature):
         raise ValueError(f"open_clip {cfg['name']} is not a ViT: only feature=embedding is available")
 
     def forward(x):
-        if not is_vit:
-            return visual(x)
-        pooled, tokens = visual._pool(visual.transformer(visual._embeds(x)))
-        if feature == "pooled":
-            return pooled
         if feature == "embedding":
-            return pooled @ visual.proj if visual.proj is not None else pooled
-        return tokens.mean(1)
-    return visual, preprocess, ident, forward
+            return visual(x)  # what encode_image (normalize=False) runs, so clustering features stay bit-identical
+        pooled, tokens = visual._pool(visual.transformer(visual._embeds(x)))
+        return pooled if feature == "pooled" else tokens.mean(1)
+    text = (model, model.encode_text, open_clip.get_tokenizer(cfg["name"])) if cfg.get("text") else None
+    return visual, preprocess, ident, forward, text
 
 
 def build_backbone(cfg, feature: str = "pooled", grayscale: bool = False) -> Backbone:
@@ -164,9 +205,9 @@ def build_backbone(cfg, feature: str = "pooled", grayscale: bool = False) -> Bac
         return Backbone(kind, None, tf, "pixels", {"image_size": size, "mode": mode}, lambda x: x.flatten(1),
                         name=f"pixels{size or ''}", pretrained="none")
     if kind == "open_clip":
-        model, tf, ident, fwd = _open_clip(cfg, feature)
+        model, tf, ident, fwd, text = _open_clip(cfg, feature)
         pretrained = ident["pretrained"] or f"random_init_seed{ident['seed']}"
-        return Backbone(kind, model, tf, feature, ident, fwd, name=cfg["name"], pretrained=str(pretrained))
+        return Backbone(kind, model, tf, feature, ident, fwd, name=cfg["name"], pretrained=str(pretrained), text=text)
     if kind == "mlcd":
         from mlcd.models.loading import load_backbone
         model, model_cfg = load_backbone(cfg["path"])
