@@ -366,21 +366,30 @@ def test_k_columns(labelled):
         next(iter(make_train_loader(urls, labels_dir, 4, 0, 8, seed=0, k=3)))
 
 
-def test_data_eval_transform_crops_like_the_probe_transform():
-    """The loader's EvalTransform and the probe's eval_transform (mlcd.models.backbones) give the same tensor on
-    non-square images of every offset parity, so clustering and evaluation see the same crop."""
+def test_eval_transform_matches_torchvision_with_a_floor_crop():
+    """EvalTransform (the one eval transform: probe, extraction, monitor) against torchvision's Resize(bicubic) +
+    ToTensor + Normalize with the crop box computed independently (floor offset), on non-square images of every
+    offset parity, grayscale included; and the probe backbone uses it."""
     import numpy as np
     from PIL import Image
+    from torchvision import transforms as T
 
-    from mlcd.data.transforms import EvalTransform
-    from mlcd.models.backbones import eval_transform
+    from mlcd.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform
+    from mlcd.models.backbones import build_backbone
 
     rng = np.random.default_rng(0)
-    for w, h in [(31, 24), (27, 24), (24, 37), (50, 29), (24, 24)]:
-        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-        a, b = EvalTransform(24)(img), eval_transform(24)(img)
-        assert a.shape == b.shape == (3, 24, 24)
-        assert float((a - b).abs().max()) < 1e-5, (w, h)
+    resize, tail = T.Resize(24, interpolation=T.InterpolationMode.BICUBIC), T.Compose([T.ToTensor(),
+                                                                                      T.Normalize(CLIP_MEAN, CLIP_STD)])
+    for w, h, mode in [(31, 24, "RGB"), (27, 24, "RGB"), (24, 37, "RGB"), (50, 29, "L"), (24, 24, "RGB"), (90, 61, "RGB")]:
+        shape = (h, w, 3) if mode == "RGB" else (h, w)
+        img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+        r = resize(img.convert("RGB"))
+        left, top = (r.width - 24) // 2, (r.height - 24) // 2
+        want = tail(r.crop((left, top, left + 24, top + 24)))
+        got = EvalTransform(24)(img)
+        assert got.shape == (3, 24, 24) and float((got - want).abs().max()) < 1e-5, (w, h)
+    model = {"image_size": 24, "patch_size": 8, "width": 32, "layers": 1, "heads": 2, "mlp_dim": 64}
+    assert repr(build_backbone({"type": "random", "model": model}).transform) == repr(EvalTransform(24))
 
 
 # ------------------------------------------------------------------ data.decode=gpu (device-side decode), on the CPU

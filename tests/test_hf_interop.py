@@ -197,14 +197,14 @@ def test_exported_processor_crops_like_the_eval_transform(tmp_path):
     with its own bicubic, so there only the crop position is compared)."""
     import numpy as np
     from PIL import Image
-    from mlcd.models.backbones import eval_transform
+    from mlcd.data.transforms import EvalTransform
     out = export_hf(build_model(dict(image_size=56, patch_size=14, width=64, layers=2, heads=4, mlp_dim=256)),
                     tmp_path / "e")
     procs = {"CLIPImageProcessor": CLIPImageProcessor.from_pretrained(out)}
     for name in ("CLIPImageProcessorPil", "CLIPImageProcessorFast"):      # transformers 5 / 4
         if hasattr(transformers, name):
             procs[name] = getattr(transformers, name).from_pretrained(out)
-    ours = eval_transform(56)
+    ours = EvalTransform(56)
     g = np.random.default_rng(0)
     # (h, w): no resize, the long side 56 + 15 / + 7 / + 3 / + 2 / + 1 (torchvision's CenterCrop rounds 7.5 -> 8,
     # 3.5 -> 4: 1 px off HF's floor), then resized ones (63 x 56 after resize: + 7 again)

@@ -71,7 +71,8 @@ def test_the_package_imports_no_runner_and_defines_each_shared_name_once():
             for name in targets:
                 defined.setdefault(name, []).append(path.relative_to(ROOT).as_posix())
     for name in ("PRECISIONS", "ROPE_THETA", "resolve_num_classes", "MANIFEST", "BACKBONE", "check_label_files", "check_labels",
-                 "resolve_precision", "Checkpointer", "MetricsLog", "ShardBatches"):
+                 "resolve_precision", "Checkpointer", "MetricsLog", "ShardBatches", "refuse_other_settings", "EvalTransform",
+                 "resize_center_crop", "encoder_config", "build_backbone", "expand_urls", "iter_samples", "MAY_DIFFER"):
         assert len(defined.get(name, [])) == 1, (name, defined.get(name))
     for name in ("PRECISIONS", "STAGES"):  # the entry scripts take them from mlcd.validate
         assert f"\n{name} = " not in (ROOT / "cluster.py").read_text(), name

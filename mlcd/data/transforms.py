@@ -81,20 +81,30 @@ class TrainTransform:
         return to_normalized_tensor(img, self.mean, self.std)
 
 
+def resize_center_crop(img: Image.Image, size: int, interpolation=Image.BICUBIC) -> Image.Image:
+    """The shorter side to `size` (torchvision's Resize(int) rounding), then a `size` center crop whose offset is
+    floor((W - size) / 2), as Hugging Face's image processors crop (all versions and backends), so the
+    CLIPImageProcessor mlcd.models.hf exports sees exactly these pixels. torchvision's CenterCrop rounds half to
+    even: 1 px off whenever W - size is 3 mod 4."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), interpolation)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
 class EvalTransform:
-    """Resize the shortest side to `size` (bicubic), center crop `size`, CLIP mean/std: `t(img) -> [3, S, S]`."""
+    """The one eval transform (the probe, feature extraction, the training monitor, the exported processor):
+    resize_center_crop (bicubic), CLIP mean/std: `t(img) -> [3, S, S]`; grayscale and the like -> RGB."""
 
     def __init__(self, size: int, interpolation: str = "bicubic", mean=CLIP_MEAN, std=CLIP_STD):
         self.size, self.interpolation, self.mean, self.std = int(size), _INTERP[interpolation], tuple(mean), tuple(std)
 
     def __call__(self, img: Image.Image, rng=None) -> torch.Tensor:
-        img = to_rgb(img)
-        w, h = img.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_long = int(self.size * long / short)  # torchvision Resize(int) rounding
-        new_w, new_h = (self.size, new_long) if w <= h else (new_long, self.size)
-        if (new_w, new_h) != (w, h):
-            img = img.resize((new_w, new_h), self.interpolation)
-        left, top = (new_w - self.size) // 2, (new_h - self.size) // 2  # floor, as HF and mlcd.models.backbones
-        img = img.crop((left, top, left + self.size, top + self.size))
-        return to_normalized_tensor(img, self.mean, self.std)
+        return to_normalized_tensor(resize_center_crop(to_rgb(img), self.size, self.interpolation), self.mean, self.std)
+
+    def __repr__(self):  # part of a probe backbone's identity (its feature cache key): no object address
+        return f"EvalTransform(size={self.size}, interpolation={self.interpolation}, mean={self.mean}, std={self.std})"

@@ -23,43 +23,26 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from torchvision import transforms as T
+from torchvision.transforms.functional import to_tensor
 
-from mlcd.data.transforms import CLIP_MEAN, CLIP_STD
+from mlcd.data.transforms import EvalTransform, resize_center_crop
 from mlcd.validate import PRECISIONS
 
 FEATURES = ("pooled", "embedding", "patch_mean")
 
 
-def _to_rgb(img):
-    return img.convert("RGB")
+class PixelsTransform:
+    """Raw pixels in [0, 1] for the sanity baseline: mode L or RGB, resize_center_crop to `size` when given."""
 
-
-def _to_gray(img):
-    return img.convert("L")
-
-
-class CenterCropFloor:
-    """Center crop whose offset is floor((W - size) / 2), as Hugging Face's image processors crop (all
-    versions and backends); torchvision's CenterCrop rounds half to even, 1 px off whenever W - size is 3
-    mod 4. Why: our exported CLIPImageProcessor must see exactly the pixels this eval transform sees."""
-
-    def __init__(self, size: int):
-        self.size = int(size)
+    def __init__(self, size, mode: str):
+        self.size, self.mode = size, mode
 
     def __call__(self, img):
-        left, top = (img.width - self.size) // 2, (img.height - self.size) // 2
-        return img.crop((left, top, left + self.size, top + self.size))
+        img = img.convert(self.mode)
+        return to_tensor(resize_center_crop(img, int(self.size)) if self.size else img)
 
     def __repr__(self):
-        return f"CenterCropFloor(size={self.size})"
-
-
-def eval_transform(image_size: int):
-    """Resize the shorter side (bicubic), center crop (floor offset), CLIP normalisation; grayscale -> RGB.
-    The same pixels as the CLIPImageProcessor mlcd.models.hf exports (tests/test_hf_interop.py)."""
-    return T.Compose([T.Lambda(_to_rgb), T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
-                      CenterCropFloor(image_size), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+        return f"PixelsTransform(size={self.size}, mode={self.mode})"
 
 
 def path_signature(path) -> str:
@@ -198,11 +181,7 @@ def build_backbone(cfg, feature: str = "pooled", grayscale: bool = False) -> Bac
     if kind == "pixels":
         size = cfg.get("image_size")
         mode = cfg.get("mode") or ("L" if grayscale else "RGB")
-        steps = [T.Lambda(_to_gray if mode == "L" else _to_rgb)]
-        if size:
-            steps += [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), CenterCropFloor(size)]
-        tf = T.Compose(steps + [T.ToTensor()])
-        return Backbone(kind, None, tf, "pixels", {"image_size": size, "mode": mode}, lambda x: x.flatten(1),
+        return Backbone(kind, None, PixelsTransform(size, mode), "pixels", {"image_size": size, "mode": mode}, lambda x: x.flatten(1),
                         name=f"pixels{size or ''}", pretrained="none")
     if kind == "open_clip":
         model, tf, ident, fwd, text = _open_clip(cfg, feature)
@@ -228,7 +207,7 @@ def build_backbone(cfg, feature: str = "pooled", grayscale: bool = False) -> Bac
     else:
         raise ValueError(f"backbone.type must be mlcd | hf | open_clip | random | pixels, got {kind!r}")
     model.eval()
-    return Backbone(kind, model, eval_transform(int(model.image_size)), feature, ident,
+    return Backbone(kind, model, EvalTransform(int(model.image_size)), feature, ident,
                     _our_vit_forward(model, feature), name=model.cfg.get("name") or "vit", pretrained=pretrained)
 
 

@@ -383,7 +383,7 @@ def adapted_processor(processor: dict, old_size: int, new_size: int) -> dict:
 
 def image_processor(image_size: int):
     """CLIP preprocessing: resize the shortest side (bicubic) then center crop to image_size, CLIP mean/std.
-    Its crop is the one mlcd.models.backbones.eval_transform takes (floor offset; tests/test_hf_interop.py)."""
+    Its crop is the one mlcd.data.transforms.EvalTransform takes (floor offset; tests/test_hf_interop.py)."""
     from transformers import CLIPImageProcessor
     return CLIPImageProcessor(do_resize=True, size={"shortest_edge": image_size}, resample=3,
                               do_center_crop=True, crop_size={"height": image_size, "width": image_size},

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from mlcd.models.backbones import eval_transform
+from mlcd.data.transforms import EvalTransform
 from mlcd.eval.datasets import labels_of, load_dataset, stratified_pick
 from mlcd.eval.knn import knn_predict
 
@@ -19,7 +19,7 @@ class KnnMonitor:
         self.every, self.k, self.feature = int(cfg.every), int(cfg.k), cfg.feature
         splits = load_dataset(cfg.dataset, cfg.root)
         self.num_classes = splits.num_classes
-        tf = eval_transform(image_size)
+        tf = EvalTransform(image_size)
 
         def tensors(ds, idx):
             return torch.stack([tf(ds[int(i)][0]) for i in idx]), labels_of(ds)[idx]
