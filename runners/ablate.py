@@ -23,7 +23,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from mlcd import fileio
-from runners.kit import REPO, check_stage, fmnist_shards, load_runner_config, run_stage
+from runners.kit import REPO, check_stage, fmnist_shards, launch, load_runner_config, run_stage
 from runners.stats import METRICS, compare, probe_scores, summary  # noqa: F401
 
 CONFIG = REPO / "configs" / "ablate.yaml"
@@ -90,9 +90,7 @@ def train_and_eval(a, s: dict, seed: int, shards: str, extra=()) -> dict:
     if f"{run_name(s)}/seed={seed}" in ledger:  # finished in an earlier session (run dirs are not kept in git)
         return ledger[f"{run_name(s)}/seed={seed}"]
     t0 = time.time()
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}"]
-              if a.nproc > 1 else [sys.executable])
-    run_stage([*launch, "train.py", *train_overrides(a, s, seed, shards, labels_dir(a, s["k"], shards), out, extra)],
+    run_stage([*launch("train.py", a.nproc), *train_overrides(a, s, seed, shards, labels_dir(a, s["k"], shards), out, extra)],
               "ablate", out / "ablate.log")
     t1 = time.time()
     run_stage([sys.executable, "eval_linear_probe.py", "backbone.type=mlcd", f"backbone.path='{out}'",

@@ -15,7 +15,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from mlcd.cluster.extract import encoder_config
-from runners.kit import REPO, check_stage, fmnist_shards, hydra_overrides, load_runner_config, run_stage, show
+from runners.kit import (REPO, check_stage, fmnist_shards, hydra_overrides, launch, load_runner_config, run_stage,
+                         show)
 
 CONFIG = REPO / "configs" / "demo.yaml"
 
@@ -44,8 +45,8 @@ def main(argv=None) -> dict:
     run([py, "cluster.py", f"shards='{shards}'", f"out_dir={cluster_dir}", *d.cluster_overrides], timings)
 
     # 3. MLCD training under torchrun (gloo on CPU)
-    run([py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={d.nproc_per_node}", "train.py",
-         f"data.train_shards='{shards}'", f"data.labels_dir={cluster_dir / 'labels'}", f"out_dir={run_dir}",
+    run([*launch("train.py", d.nproc_per_node), f"data.train_shards='{shards}'",
+         f"data.labels_dir={cluster_dir / 'labels'}", f"out_dir={run_dir}",
          *d.train_overrides], timings)
 
     # 4. Linear probe + kNN on the Fashion-MNIST test split for the four backbones of the table

@@ -133,6 +133,12 @@ def run_stage(cmd: list[str], who: str, log: Path | None = None) -> float:
     return round(time.time() - t0, 1)
 
 
+def launch(script: str, nproc: int) -> list[str]:
+    """The command that runs `script` on `nproc` local ranks: torchrun (--standalone), or plain python for one."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*(torchrun if nproc > 1 else [sys.executable]), script]
+
+
 def compose(stage: str, overrides=()) -> DictConfig:
     """The config `<stage>.py` (train | cluster) will run with these overrides: hydra's compose over configs/<stage>,
     the same defaults, groups and grammar; nothing runs."""

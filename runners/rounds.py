@@ -33,7 +33,8 @@ from mlcd.cluster.extract import encoder_config
 from mlcd.data.labels import read_shard_labels
 from mlcd.validate import refuse_other_settings
 from runners.stats import probe_scores
-from runners.kit import REPO, check_stage, compose, fmnist_shards, hydra_overrides, load_marker, load_runner_config, run_once
+from runners.kit import (REPO, check_stage, compose, fmnist_shards, hydra_overrides, launch, load_marker,
+                         load_runner_config, run_once)
 
 CONFIG = REPO / "configs" / "rounds.yaml"
 STAGES = ("cluster", "train", "eval")
@@ -122,14 +123,12 @@ def one_round(r, root: Path, i: int, shards: str) -> None:
                                       *r.cluster, *teacher], "rounds")
     labels = clustering_dir(r, root, i) / "labels"
 
-    launch = ([py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={r.nproc}"]
-              if r.nproc > 1 else [py])
 
     def newest_checkpoint():
         from mlcd.models.loading import find_checkpoint
         return {"checkpoint": str(find_checkpoint(d / "train").resolve()), "init_from": str(init) if init else None}
     trained = run_once(d / "train.json", [
-        *launch, "train.py", f"data.train_shards='{shards}'", f"data.labels_dir='{labels}'",
+        *launch("train.py", r.nproc), f"data.train_shards='{shards}'", f"data.labels_dir='{labels}'",
         f"out_dir='{d / 'train'}'", *([f"train.init_from='{init}'", "train.init_centers=false"] if init else []),
         *r.train], "rounds", newest_checkpoint)
     evaluate(r, d / "eval", ["backbone.type=mlcd", f"backbone.path='{trained['checkpoint']}'"])
