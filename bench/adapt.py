@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlcd import fileio  # noqa: E402
-from runners.stats import summary  # noqa: E402
+from runners.stats import probe_scores, summary  # noqa: E402
 from runners.kit import REPO, load_marker, run_once  # noqa: E402
 
 OLD, NEW = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
@@ -211,9 +211,8 @@ def probe(a, tag: str, domain: str, backbone: list[str]) -> dict:
         cmd.append("probe.lam=0.01")
 
     def scores():
-        res = json.loads((out / "results.json").read_text())
-        m = next(r["metrics"] for r in res["results"] if r["dataset"] == name)
-        return {"linear_probe_top1": round(100 * m["lp_acc1"], 2), "knn_top1": round(100 * m["knn_acc1"], 2)}
+        lp, knn = probe_scores(out / "results.json", name)
+        return {"linear_probe_top1": round(lp, 2), "knn_top1": round(knn, 2)}
     return run_once(a.root / "markers" / f"probe_{tag}_on_{domain}.json", cmd, "adapt", scores)
 
 

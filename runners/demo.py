@@ -7,16 +7,17 @@ Each stage runs as the exact command line it prints, so any stage can be re-run 
 shards -> cluster.py -> torchrun train.py -> eval_linear_probe.py (4 backbones) -> table + plots.
 Every stage skips work already done, so an interrupted demo resumes where it stopped.
 """
-import json
 import sys
 import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from mlcd import fileio
 from mlcd.cluster.extract import encoder_config
 from runners.kit import (REPO, check_stage, fmnist_shards, hydra_overrides, launch, load_runner_config, run_stage,
                          show)
+from runners.stats import probe_scores
 
 CONFIG = REPO / "configs" / "demo.yaml"
 
@@ -67,17 +68,16 @@ def main(argv=None) -> dict:
         out = eval_dir / f"backbone{i}"
         run([py, "eval_linear_probe.py", *overrides, f"out_dir={out}", "datasets=[fashion_mnist]",
              *d.eval_overrides], timings)
-        records = json.loads((out / "results.json").read_text())["results"]
-        m = next(r["metrics"] for r in records if r["dataset"] == "fashion_mnist")   # CLIP_benchmark's layout
-        rows.append({"backbone": name, "linear_probe_top1": 100 * m["lp_acc1"], "knn_top1": 100 * m["knn_acc1"]})
+        lp, knn = probe_scores(out / "results.json")
+        rows.append({"backbone": name, "linear_probe_top1": lp, "knn_top1": knn})
 
     # 5. The table (train.py wrote the loss curve)
     table = ["| backbone | linear probe top-1 | kNN top-1 |", "|---|---|---|"]
     table += [f"| {r['backbone']} | {r['linear_probe_top1']:.2f} | {r['knn_top1']:.2f} |" for r in rows]
     summary = {"rows": rows, "stages": timings, "total_seconds": round(time.time() - t_start, 1),
                "config": OmegaConf.to_container(cfg)}
-    (run_dir / "demo_results.json").write_text(json.dumps(summary, indent=2))
-    (run_dir / "demo_results.md").write_text("\n".join(table) + "\n")
+    fileio.write_json(run_dir / "demo_results.json", summary)
+    fileio.write_text(run_dir / "demo_results.md", "\n".join(table) + "\n")
     print("\n" + "\n".join(table))
     print(f"\ndemo finished in {summary['total_seconds'] / 60:.1f} min. Outputs:\n"
           f"  shards            {shard_dir}\n"

@@ -16,13 +16,13 @@ def summary(values: list) -> dict:
             "values": v.tolist()}
 
 
-def probe_scores(results_json: Path) -> tuple[float, float]:
-    """(linear-probe top-1, kNN top-1) in percent on fashion_mnist from eval_linear_probe.py's results.json."""
-    res = json.loads(results_json.read_text())
+def probe_scores(results_json: Path, dataset: str = "fashion_mnist") -> tuple[float, float]:
+    """(linear-probe top-1, kNN top-1) in percent on `dataset` from eval_linear_probe.py's results.json."""
+    res = json.loads(Path(results_json).read_text())
     for entry in res["results"]:                            # CLIP_benchmark layout
-        if entry["dataset"] == "fashion_mnist":
+        if entry["dataset"] == dataset:
             return 100 * entry["metrics"]["lp_acc1"], 100 * entry["metrics"]["knn_acc1"]
-    raise ValueError(f"{results_json}: no fashion_mnist record (failed: {res.get('failed')})")
+    raise ValueError(f"{results_json}: no {dataset} record (failed: {res.get('failed')})")
 
 
 def compare(a: dict, b: dict) -> dict:
