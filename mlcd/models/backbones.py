@@ -22,8 +22,8 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
-from torchvision.transforms.functional import to_tensor
 
 from mlcd.data.transforms import EvalTransform, resize_center_crop
 from mlcd.validate import PRECISIONS
@@ -39,7 +39,8 @@ class PixelsTransform:
 
     def __call__(self, img):
         img = img.convert(self.mode)
-        return to_tensor(resize_center_crop(img, int(self.size)) if self.size else img)
+        x = torch.from_numpy(np.array(resize_center_crop(img, int(self.size)) if self.size else img, dtype=np.uint8))
+        return (x[None] if x.ndim == 2 else x.permute(2, 0, 1)).float().div(255)  # torchvision's to_tensor
 
     def __repr__(self):
         return f"PixelsTransform(size={self.size}, mode={self.mode})"
