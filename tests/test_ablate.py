@@ -124,3 +124,38 @@ def test_ablate_miniature_kill_and_resume(tmp_path):
     assert again["groups"] == agg["groups"] and again["tuning"]["best"] == tuning["best"]
     # every k clustered the features extracted once
     assert (tmp_path / "cluster" / "cluster-k12" / "features").resolve() == (tmp_path / "cluster" / "features").resolve()
+
+
+def test_budget_comparison_scores_each_claim_at_both_budgets_and_flags_a_changed_verdict():
+    """bench/ablation_budget.py on the committed 200-step report: against itself every verdict is the same; the
+    grid's own two findings are scored with the Welch SE computed here by hand; a long-budget report whose mlc rows
+    beat mlcd flips that claim, and one without a row leaves its claims pending."""
+    import copy
+    sys.path.insert(0, str(ROOT / "bench"))
+    import ablation_budget as ab
+
+    short = json.loads((ROOT / "bench" / "results" / "ablation.json").read_text())
+    rows = {r["claim"]: r for r in ab.side_by_side(short, short)}
+    assert all(r[m]["same_verdict"] for r in rows.values() for m in ("linear_probe_top1", "knn_top1"))
+    loss = {g["setting"]["kind"]: g for g in short["groups"]["loss"]}
+    init, single = short["baselines"]["random init ViT"], loss["single"]
+    for m in ("linear_probe_top1", "knn_top1"):
+        a, b = np.array(init[m]["values"]), np.array(single[m]["values"])
+        se = np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+        got = rows["single-label ends below the random-init ViT"][m]["200_steps"]
+        assert got["diff"] == approx(a.mean() - b.mean()) and got["se"] == approx(se) and got["verdict"] == "holds"
+    assert "per-slot softmax (OneVision-Encoder) beats mlcd" in rows
+
+    flipped = copy.deepcopy(short)
+    mlc = next(g for g in flipped["groups"]["loss"] if g["setting"]["kind"] == "mlc")
+    for m in ("linear_probe_top1", "knn_top1"):
+        mlc[m]["values"] = [v + 10 for v in mlc[m]["values"]]
+        mlc[m]["mean"] += 10
+    got = {r["claim"]: r for r in ab.side_by_side(short, flipped)}["Eq. 5 (mlcd) beats Eq. 4 (mlc)"]
+    assert got["linear_probe_top1"]["1050_steps"]["verdict"] == "reversed"
+    assert got["linear_probe_top1"]["same_verdict"] is False
+    partial = copy.deepcopy(short)
+    partial["groups"]["loss"] = [g for g in partial["groups"]["loss"] if g["setting"]["kind"] != "per_slot"]
+    got = {r["claim"]: r for r in ab.side_by_side(short, partial)}["per-slot softmax (OneVision-Encoder) beats mlcd"]
+    assert got["knn_top1"]["1050_steps"] is None and got["knn_top1"]["same_verdict"] is None
+    assert "| pending |" in ab.markdown(list({r["claim"]: r for r in ab.side_by_side(short, partial)}.values()))
