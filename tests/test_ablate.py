@@ -131,8 +131,10 @@ def test_budget_comparison_scores_each_claim_at_both_budgets_and_flags_a_changed
     grid's own two findings are scored with the Welch SE computed here by hand; a long-budget report whose mlc rows
     beat mlcd flips that claim, and one without a row leaves its claims pending."""
     import copy
-    sys.path.insert(0, str(ROOT / "bench"))
-    import ablation_budget as ab
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ablation_budget", ROOT / "bench" / "ablation_budget.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
 
     short = json.loads((ROOT / "bench" / "results" / "ablation.json").read_text())
     rows = {r["claim"]: r for r in ab.side_by_side(short, short)}

@@ -1,6 +1,7 @@
 """bench/single_label.py --small end to end on a tiny real Fashion-MNIST shard set: a row per (kind, s) at step 0 and
 at the last step with finite metrics, and the step-0 backbone is the run's own initial weights (an lr = 0 step of
 the same training leaves them unchanged, and must equal the script's step-0 random init)."""
+import importlib.util
 import json
 import math
 import subprocess
@@ -16,8 +17,9 @@ from mlcd.data.labels import write_shard_labels
 from mlcd.data.make_shards import shards_from_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import single_label  # noqa: E402
+_spec = importlib.util.spec_from_file_location("single_label", ROOT / "bench" / "single_label.py")  # not bench/ on
+single_label = importlib.util.module_from_spec(_spec)  # sys.path: its cluster.py and train.py would shadow the root's
+_spec.loader.exec_module(single_label)
 
 N, PER_SHARD, CLASSES = 256, 64, 40
 
