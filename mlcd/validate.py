@@ -212,9 +212,8 @@ def check_train_config(cfg, world: int, device: torch.device, inputs: bool = Tru
                 raise ValueError(f"data.{key} is not set: pick an experiment (experiment=demo, laion400m_...) or set it")
         if inputs:
             check_label_files(cfg.data)  # shards that match nothing fail here too, before any output or wandb
-    num_classes = None
-    if inputs:
-        num_classes = resolve_num_classes(cfg.num_classes, cfg.data.labels_dir if cfg.data.source == "shards" else None)
+    labels_dir = cfg.data.labels_dir if cfg.data.source == "shards" else None
+    num_classes = resolve_num_classes(cfg.num_classes, labels_dir) if inputs else None
     if cfg.monitor.every < 0 or (cfg.monitor.every and cfg.monitor.every % t.log_every):
         raise ValueError(f"monitor.every={cfg.monitor.every}: 0 (off) or a multiple of train.log_every={t.log_every}")
     if cfg.monitor.every and not cfg.monitor.dataset:
