@@ -1,7 +1,8 @@
 #!/bin/bash
 # The ablation grid's decisive comparisons (loss kind, l 8 vs 16, k 100 vs 1000) at the demo's budget (1,050 x 256
 # on 2 ranks), 3 seeds, each kind tuned alike (lr 1e-3 vs 3e-3 at margin 0.3). Resumable: finished runs are in
-# bench/results/ablation_5x_runs.json, so a fresh checkout skips them. ~25 min per run on 2 quiet cores.
+# bench/results/ablation_5x_runs.json, so a fresh checkout skips them. ~15 min per run on 2 quiet cores (14 min
+# training, under 1 min probing).
 # Then `python bench/ablation_budget.py` sets each claim's verdict beside the 200-step grid's (ablation_budget.md).
 cd "$(dirname "$0")/.."
 exec nice -n 19 .venv/bin/python -m runners.ablate ablate.nproc=2 ablate.run_dir=runs/ablate_5x ablate.name=ablation_5x \

@@ -1,9 +1,11 @@
 """Why single-label training (UNICOM's ArcFace softmax on the first cluster label) ends BELOW the random-init ViT in the
-ablation grid (docs/ablation.md), while MLCD ends above it: a diagnosis over training steps and the loss scale s.
-Writes bench/results/single_label.json (+ .png: kNN, effective rank and cluster-id kNN vs step).
+ablation grid (docs/ablation.md), while MLCD ends above it: a diagnosis over training steps, and every loss kind's
+tuning widened by the loss scale s. Writes bench/results/single_label.json (+ .png: kNN, held-out train kNN,
+effective rank and cluster-id kNN vs step).
 
-    python bench/single_label.py               single and mlcd at s = 16, 32, 64 (the grid: s = 64), 200 steps x 128,
-                                               measured every 50 steps: ~25 min on a quiet 2-core machine
+    python bench/single_label.py               single, mlcd, mlc and per_slot at s = 16, 32, 64 (the grid: s = 64),
+                                               200 steps x 128, measured every 50 steps: 2-3 min per (kind, s)
+                                               on a quiet 2-core machine
     python bench/single_label.py --small       a few steps on the data given (tests/test_single_label_bench.py)
     python bench/single_label.py --help        every setting
 
@@ -56,7 +58,7 @@ def parse_args(argv=None):
     ap.add_argument("--labels", default="data/ablate/cluster-k1000/labels", help="the grid's k=1000 clustering")
     ap.add_argument("--root", help="run dirs (default runs/single_label, --small: runs/single_label_small)")
     ap.add_argument("--out", help="report JSON (default bench/results/single_label.json, --small: <root>/...)")
-    ap.add_argument("--kinds", nargs="+", default=["single", "mlcd"], choices=sorted(KIND_LOSS))
+    ap.add_argument("--kinds", nargs="+", default=["single", "mlcd", "mlc", "per_slot"], choices=sorted(KIND_LOSS))
     ap.add_argument("--scales", nargs="+", type=float, default=[16, 32, 64], help="loss.scale s")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, help="training steps (default 200, --small 4)")
@@ -209,13 +211,16 @@ def plot(runs: dict, png: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = (("knn_top1", "test kNN top-1 (%)"), ("effective_rank", "effective rank (test)"),
-            ("loo_knn_cluster", "cluster-id LOO kNN (%, train)"))
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6))
+    keys = (("knn_top1", "test kNN top-1 (%)"), ("loo_knn_class", "true-class LOO kNN (%, train: selects s)"),
+            ("effective_rank", "effective rank (test)"), ("loo_knn_cluster", "cluster-id LOO kNN (%, train)"))
+    kinds = sorted({r["kind"] for r in runs.values()})
+    scales = sorted({r["scale"] for r in runs.values()})
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8))
     for ax, (key, title) in zip(axes, keys):
-        for name, r in runs.items():
-            ax.plot([x["step"] for x in r["rows"]], [x[key] for x in r["rows"]], marker="o",
-                    ls="-" if r["kind"] == "single" else "--", label=f"{r['kind']} s={r['scale']:g}")
+        for name, r in runs.items():  # colour = kind, line style = s
+            ax.plot([x["step"] for x in r["rows"]], [x[key] for x in r["rows"]], marker="o", ms=3,
+                    color=f"C{kinds.index(r['kind'])}", ls=("-", "--", ":", "-.")[scales.index(r["scale"]) % 4],
+                    label=f"{r['kind']} s={r['scale']:g}")
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
