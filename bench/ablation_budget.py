@@ -4,11 +4,12 @@
 
     python bench/ablation_budget.py [--short F] [--long F] [--out PREFIX]
 
-The claims: the paper's directions both grids measure (runners.ablate.PAPER_DIRECTIONS) plus two of the grid's own
-findings: per-slot softmax beats mlcd, and single-label ends below the random-init ViT. Each is the difference of
-means ± its standard error over seeds; "holds" is more than 2 SE in the claim's direction, "reversed" more than 2 SE
-against it (runners.stats.compare). A claim one budget cannot score yet (a row with fewer than 2 seeds, or missing)
-is "pending"; `complete` is true once every claim is scored at both budgets.
+The claims: the paper's directions (runners.ablate.PAPER_DIRECTIONS) plus two of the grid's own findings: per-slot
+softmax beats mlcd, and single-label ends below the random-init ViT. Each is the difference of means ± its standard
+error over seeds; "holds" is more than 2 SE in the claim's direction, "reversed" more than 2 SE against it
+(runners.stats.compare). A claim whose rows a grid plans but has not finished at 2 seeds is "pending" there; one
+whose rows a grid does not plan (the 5x grid runs loss kind, l 8 vs 16 and k 100 vs 1000 only) is "not run".
+`complete` is true once every claim both grids plan is scored at both budgets.
 """
 import argparse
 import json
@@ -17,36 +18,49 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlcd import fileio  # noqa: E402
-from runners.ablate import directions  # noqa: E402
+from runners.ablate import PAPER_DIRECTIONS, directions  # noqa: E402
 from runners.stats import METRICS, compare  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 
 
-def _row(report: dict, group: str, **want):
+PER_SLOT = "per-slot softmax (OneVision-Encoder) beats mlcd"
+BELOW_INIT = "single-label ends below the random-init ViT"
+
+
+def _row(report: dict, group: str, finished: bool = True, **want):
+    """The grid row of `group` with the settings `want`: planned (any n) or, with `finished`, with a finished seed."""
     rows = [g for g in report.get("groups", {}).get(group, [])
-            if g["n"] and all(g["setting"].get(k) == v for k, v in want.items())]
+            if (g["n"] or not finished) and all(g["setting"].get(k) == v for k, v in want.items())]
     return rows[0] if rows else None
 
 
 def claims(report: dict) -> dict:
-    """{claim: {metric: {diff, se, verdict}}} of one grid report."""
-    out = {r["claim"]: {m: r[m] for m in METRICS} for r in directions(report.get("groups", {}))}
-    mlcd, per_slot, single = (_row(report, "loss", kind=k) for k in ("mlcd", "per_slot", "single"))
+    """{claim: {metric: {diff, se, verdict} or None}} for every claim whose two rows this grid plans; None while a
+    row has no finished seed. A claim the grid does not plan is absent."""
+    scored = {r["claim"]: {m: r[m] for m in METRICS} for r in directions(report.get("groups", {}))}
+    out = {}
+    for claim, (ga, wa), (gb, wb), *_ in PAPER_DIRECTIONS:
+        if _row(report, ga, False, **wa) and _row(report, gb, False, **wb):
+            out[claim] = scored.get(claim, dict.fromkeys(METRICS))
+    mlcd, per_slot, single = (_row(report, "loss", False, kind=k) for k in ("mlcd", "per_slot", "single"))
     init = report.get("baselines", {}).get("random init ViT")
     if per_slot and mlcd:
-        out["per-slot softmax (OneVision-Encoder) beats mlcd"] = {m: compare(per_slot[m], mlcd[m]) for m in METRICS}
-    if single and init and init["n"]:
-        out["single-label ends below the random-init ViT"] = {m: compare(init[m], single[m]) for m in METRICS}
+        done = per_slot["n"] and mlcd["n"]
+        out[PER_SLOT] = {m: compare(per_slot[m], mlcd[m]) if done else None for m in METRICS}
+    if single and init:
+        done = single["n"] and init["n"]
+        out[BELOW_INIT] = {m: compare(init[m], single[m]) if done else None for m in METRICS}
     return out
 
 
 def side_by_side(short: dict, long: dict) -> list[dict]:
-    """One row per claim either budget scores: both budgets' cells and whether the verdict is the same."""
+    """One row per claim either budget plans: both budgets' cells (None: pending), whether each grid runs the
+    claim at all, and whether the verdict is the same (None until both are scored)."""
     a, b = claims(short), claims(long)
     rows = []
     for claim in list(a) + [c for c in b if c not in a]:
-        row = {"claim": claim}
+        row = {"claim": claim, "in_grid": {"200_steps": claim in a, "1050_steps": claim in b}}
         for m in METRICS:
             x, y = a.get(claim, {}).get(m), b.get(claim, {}).get(m)
             vx, vy = (c["verdict"] if c else None for c in (x, y))
@@ -57,20 +71,28 @@ def side_by_side(short: dict, long: dict) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    def cell(c):
-        if c is None or c["verdict"] is None:
+    def cell(c, planned):
+        if not planned:
+            return "not run"
+        if c is None:
             return "pending"
+        if c["verdict"] is None:
+            return f"{c['diff']:+.2f}, pending (< 2 seeds)"
         return f"{c['diff']:+.2f} ± {c['se']:.2f}: {c['verdict']}"
 
-    def same(s):
+    def same(r, m):
+        if not all(r["in_grid"].values()):
+            return "-"
+        s = r[m]["same_verdict"]
         return "pending" if s is None else ("yes" if s else "**no**")
 
     lines = ["| claim | probe, 200 steps | probe, 1,050 steps | same? | kNN, 200 steps | kNN, 1,050 steps | same? |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        p, k = r["linear_probe_top1"], r["knn_top1"]
-        lines.append(f"| {r['claim']} | {cell(p['200_steps'])} | {cell(p['1050_steps'])} | {same(p['same_verdict'])} | "
-                     f"{cell(k['200_steps'])} | {cell(k['1050_steps'])} | {same(k['same_verdict'])} |")
+        g = r["in_grid"]
+        cells = [f"{cell(r[m]['200_steps'], g['200_steps'])} | {cell(r[m]['1050_steps'], g['1050_steps'])} | "
+                 f"{same(r, m)}" for m in ("linear_probe_top1", "knn_top1")]
+        lines.append(f"| {r['claim']} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -87,7 +109,7 @@ def main(argv=None) -> dict:
                              "ablate.report_only=true` with the grid's settings rebuilds it from the ledger)")
         reports.append(json.loads(path.read_text()))
     rows = side_by_side(*reports)
-    complete = all(r[m]["same_verdict"] is not None for r in rows for m in METRICS)
+    complete = all(r[m]["same_verdict"] is not None for r in rows if all(r["in_grid"].values()) for m in METRICS)
     out = {"bench": "ablation_budget", "what": __doc__.split("\n\n")[0], "complete": complete,
            "short": str(a.short.name), "long": str(a.long.name), "claims": rows}
     fileio.write_json(a.out.with_suffix(".json"), out)

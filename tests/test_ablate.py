@@ -129,7 +129,7 @@ def test_ablate_miniature_kill_and_resume(tmp_path):
 def test_budget_comparison_scores_each_claim_at_both_budgets_and_flags_a_changed_verdict():
     """bench/ablation_budget.py on the committed 200-step report: against itself every verdict is the same; the
     grid's own two findings are scored with the Welch SE computed here by hand; a long-budget report whose mlc rows
-    beat mlcd flips that claim, and one without a row leaves its claims pending."""
+    beat mlcd flips that claim; a row with one seed leaves its claim pending, a group not run is "not run"."""
     import copy
     import importlib.util
     spec = importlib.util.spec_from_file_location("ablation_budget", ROOT / "bench" / "ablation_budget.py")
@@ -156,8 +156,17 @@ def test_budget_comparison_scores_each_claim_at_both_budgets_and_flags_a_changed
     got = {r["claim"]: r for r in ab.side_by_side(short, flipped)}["Eq. 5 (mlcd) beats Eq. 4 (mlc)"]
     assert got["linear_probe_top1"]["1050_steps"]["verdict"] == "reversed"
     assert got["linear_probe_top1"]["same_verdict"] is False
+    # a row the long grid plans with one finished seed: pending there; a group it does not plan: "not run"
     partial = copy.deepcopy(short)
-    partial["groups"]["loss"] = [g for g in partial["groups"]["loss"] if g["setting"]["kind"] != "per_slot"]
-    got = {r["claim"]: r for r in ab.side_by_side(short, partial)}["per-slot softmax (OneVision-Encoder) beats mlcd"]
-    assert got["knn_top1"]["1050_steps"] is None and got["knn_top1"]["same_verdict"] is None
-    assert "| pending |" in ab.markdown(list({r["claim"]: r for r in ab.side_by_side(short, partial)}.values()))
+    per_slot = next(g for g in partial["groups"]["loss"] if g["setting"]["kind"] == "per_slot")
+    per_slot["n"], per_slot["seeds"] = 1, per_slot["seeds"][:1]
+    for m in ("linear_probe_top1", "knn_top1"):
+        per_slot[m] = {"mean": per_slot[m]["values"][0], "std": None, "values": per_slot[m]["values"][:1]}
+    del partial["groups"]["r"]
+    rows = {r["claim"]: r for r in ab.side_by_side(short, partial)}
+    got = rows["per-slot softmax (OneVision-Encoder) beats mlcd"]
+    assert got["knn_top1"]["1050_steps"]["verdict"] is None and got["knn_top1"]["same_verdict"] is None
+    assert rows["r 0.1 beats r 1.0"]["in_grid"] == {"200_steps": True, "1050_steps": False}
+    table = ab.markdown(list(rows.values()))
+    assert "| per-slot softmax (OneVision-Encoder) beats mlcd | " in table and "| pending |" in table
+    assert "| r 0.1 beats r 1.0 | " in table and "| not run | - |" in table
