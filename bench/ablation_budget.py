@@ -9,7 +9,7 @@ softmax beats mlcd, and single-label ends below the random-init ViT. Each is the
 error over seeds; "holds" is more than 2 SE in the claim's direction, "reversed" more than 2 SE against it
 (runners.stats.compare). A claim whose rows a grid plans but has not finished at 2 seeds is "pending" there; one
 whose rows a grid does not plan (the 5x grid runs loss kind, l 8 vs 16 and k 100 vs 1000 only) is "not run".
-`complete` is true once every claim both grids plan is scored at both budgets.
+`complete` is true once both grids have every seed and every claim both plan is scored at both budgets.
 """
 import argparse
 import json
@@ -109,7 +109,8 @@ def main(argv=None) -> dict:
                              "ablate.report_only=true` with the grid's settings rebuilds it from the ledger)")
         reports.append(json.loads(path.read_text()))
     rows = side_by_side(*reports)
-    complete = all(r[m]["same_verdict"] is not None for r in rows if all(r["in_grid"].values()) for m in METRICS)
+    complete = all(r.get("complete") for r in reports) and all(  # every seed of both grids, every shared claim scored
+        r[m]["same_verdict"] is not None for r in rows if all(r["in_grid"].values()) for m in METRICS)
     out = {"bench": "ablation_budget", "what": __doc__.split("\n\n")[0], "complete": complete,
            "short": str(a.short.name), "long": str(a.long.name), "claims": rows}
     fileio.write_json(a.out.with_suffix(".json"), out)

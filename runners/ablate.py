@@ -279,13 +279,14 @@ def plot(groups: dict, base: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    for ax, (group, key, log) in zip(axes, [("loss", None, False), ("l", "l", True), ("r", "r", True),
-                                            ("k", "k", True)]):
+    panels = [(group, key, log) for group, key, log in [("loss", None, False), ("l", "l", True), ("r", "r", True),
+                                                         ("k", "k", True)]
+              if any(g["n"] for g in groups.get(group, []))]  # a group not run or not finished: no panel
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+    for ax, (group, key, log) in zip(axes[0], panels):
         rows = [g for g in groups.get(group, []) if g["n"]]
-        if not rows:  # nothing finished in this group yet
-            ax.set_visible(False)
-            continue
         xs = list(range(len(rows))) if key is None else [g["setting"][key] for g in rows]
         for metric, color in (("linear_probe_top1", "C0"), ("knn_top1", "C1")):
             mean = [g[metric]["mean"] for g in rows]
@@ -310,13 +311,15 @@ def plot(groups: dict, base: dict, png: Path) -> None:
             low = [g[m]["mean"] for g in rows for m in ("linear_probe_top1", "knn_top1")]
             low += [b[m]["mean"] for b in base.values() for m in ("linear_probe_top1", "knn_top1") if b[m]["mean"]]
             ax.set_ylim(bottom=max(0.0, min(low) - 5))
-        if log:
+        if log:  # ticks at the settings run, not the log axis' decades
             ax.set_xscale("log")
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+            ax.minorticks_off()
         ax.set_title({"loss": "loss kind", "l": "labels per image l", "r": "negative ratio r",
                       "k": "centers k"}[group])
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7)
     fig.suptitle("MLCD ablations at small scale (Fashion-MNIST test, mean ± std over seeds)")
     fig.tight_layout()
     with fileio.atomic_path(png) as tmp:
