@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlcd import fileio  # noqa: E402
-from runners.ablate import PAPER_DIRECTIONS, directions  # noqa: E402
+from runners.ablate import PAPER_DIRECTIONS, directions, find_row  # noqa: E402
 from runners.stats import METRICS, compare  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
@@ -28,22 +28,17 @@ PER_SLOT = "per-slot softmax (OneVision-Encoder) beats mlcd"
 BELOW_INIT = "single-label ends below the random-init ViT"
 
 
-def _row(report: dict, group: str, finished: bool = True, **want):
-    """The grid row of `group` with the settings `want`: planned (any n) or, with `finished`, with a finished seed."""
-    rows = [g for g in report.get("groups", {}).get(group, [])
-            if (g["n"] or not finished) and all(g["setting"].get(k) == v for k, v in want.items())]
-    return rows[0] if rows else None
-
-
 def claims(report: dict) -> dict:
     """{claim: {metric: {diff, se, verdict} or None}} for every claim whose two rows this grid plans; None while a
     row has no finished seed. A claim the grid does not plan is absent."""
-    scored = {r["claim"]: {m: r[m] for m in METRICS} for r in directions(report.get("groups", {}))}
+    groups = report.get("groups", {})
+    scored = {r["claim"]: {m: r[m] for m in METRICS} for r in directions(groups)}
     out = {}
     for claim, (ga, wa), (gb, wb), *_ in PAPER_DIRECTIONS:
-        if _row(report, ga, False, **wa) and _row(report, gb, False, **wb):
+        if find_row(groups, ga, wa, finished=False) and find_row(groups, gb, wb, finished=False):
             out[claim] = scored.get(claim, dict.fromkeys(METRICS))
-    mlcd, per_slot, single = (_row(report, "loss", False, kind=k) for k in ("mlcd", "per_slot", "single"))
+    mlcd, per_slot, single = (find_row(groups, "loss", {"kind": k}, finished=False)
+                              for k in ("mlcd", "per_slot", "single"))
     init = report.get("baselines", {}).get("random init ViT")
     if per_slot and mlcd:
         done = per_slot["n"] and mlcd["n"]

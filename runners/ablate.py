@@ -229,15 +229,18 @@ PAPER_DIRECTIONS = [
 ]
 
 
+def find_row(groups: dict, group: str, want: dict, finished: bool = True) -> dict | None:
+    """The row of `group` with the settings `want`: with a finished seed, or with `finished` false any planned one."""
+    rows = [g for g in groups.get(group, [])
+            if (g["n"] or not finished) and all(g["setting"].get(k) == v for k, v in want.items())]
+    return rows[0] if rows else None
+
+
 def directions(groups: dict) -> list:
     """Each of the paper's claims whose two rows the grid has, measured on both metrics."""
-    def find(group, want):
-        rows = [g for g in groups.get(group, []) if g["n"] and all(g["setting"][k] == v for k, v in want.items())]
-        return rows[0] if rows else None
-
     out = []
     for claim, (ga, wa), (gb, wb), paper_a, paper_b, source in PAPER_DIRECTIONS:
-        a, b = find(ga, wa), find(gb, wb)
+        a, b = find_row(groups, ga, wa), find_row(groups, gb, wb)
         if a and b:
             out.append({"claim": claim, "paper": None if paper_a is None else round(paper_a - paper_b, 2),
                         "paper_source": source, "n": [a["n"], b["n"]],
