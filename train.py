@@ -5,6 +5,7 @@
 """
 import hydra
 
+from mlcd import dist
 from mlcd.sweep import job_out_dir, register_resolvers
 from mlcd.train.loop import train
 
@@ -15,6 +16,9 @@ register_resolvers()
 def main(cfg):
     cfg.out_dir = job_out_dir(cfg)  # a multirun job: ${out_dir}/<its swept values> (mlcd/sweep.py)
     train(cfg)
+    # A gloo/NCCL group left to interpreter teardown can abort a finished rank ("terminate called without an
+    # active exception", pytorch#190489). Only after success: a rank that raised must not wait on the others here.
+    dist.cleanup()
 
 
 if __name__ == "__main__":
