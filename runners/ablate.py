@@ -285,7 +285,8 @@ def plot(groups: dict, base: dict, png: Path) -> None:
     panels = [(group, key, log) for group, key, log in [("loss", None, False), ("l", "l", True), ("r", "r", True),
                                                          ("k", "k", True)]
               if any(g["n"] for g in groups.get(group, []))]  # a group not run or not finished: no panel
-    if not panels:
+    if not panels:  # nothing finished yet: no plot, and no older one left to pass for this grid's
+        png.unlink(missing_ok=True)
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
     for ax, (group, key, log) in zip(axes[0], panels):

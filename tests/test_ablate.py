@@ -68,6 +68,14 @@ def test_paper_directions_take_the_difference_and_its_standard_error_over_seeds(
     assert "| l 8 beats l 1 | +3.8, Table 5c | +5.00 ± 0.82: holds |" in table and "| +16.00 | 1/1 |" in table
 
 
+def test_plot_with_no_finished_row_leaves_no_older_png_behind(tmp_path):
+    from runners import ablate
+    png = tmp_path / "ablation.png"
+    png.write_bytes(b"an older grid's plot")
+    ablate.plot({"loss": [{"setting": {"kind": "mlcd"}, "n": 0}]}, {}, png)
+    assert not png.exists()
+
+
 def _launch(tmp, log):
     return subprocess.Popen([sys.executable, "-m", "runners.ablate", *_argv(tmp)], cwd=ROOT, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
